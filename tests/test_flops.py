@@ -1,0 +1,48 @@
+"""Closed-form accounting against counts taken from a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lillm.flops import count_parameters, flops_per_token, kv_cache_bytes_per_token, matmul_parameters, mfu, peak_flops
+from lillm.model import KVCache, LilLM, ModelConfig
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_embeddings": False},
+        {"n_kv_heads": 1, "ffn_hidden": 100},
+        {"n_heads": 8, "n_kv_heads": 8, "n_layers": 3, "pos_encoding": "nope"},
+    ],
+)
+def test_parameter_count_formula(overrides):
+    cfg = ModelConfig(**{**dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2), **overrides})
+    model = LilLM(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_parameters(cfg) == linear  # the head counts once as a matmul even when tied
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig(vocab_size=1000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    expected = 6 * matmul_parameters(cfg) + 12 * 4 * 128 * 256
+    assert flops_per_token(cfg) == expected
+    assert flops_per_token(cfg, seq_len=512) - flops_per_token(cfg) == 12 * 4 * 128 * 256
+
+
+def test_kv_cache_bytes_match_allocation():
+    cfg = ModelConfig(vocab_size=50, dim=64, n_layers=3, n_heads=8, n_kv_heads=2)
+    cache = KVCache(cfg, batch_size=1, max_len=100, dtype=torch.bfloat16)
+    assert cache.nbytes() == 100 * kv_cache_bytes_per_token(cfg, bytes_per_value=2)
+    mha = ModelConfig(vocab_size=50, dim=64, n_layers=3, n_heads=8, n_kv_heads=8)
+    assert kv_cache_bytes_per_token(mha) == 4 * kv_cache_bytes_per_token(cfg)  # GQA saves n_heads/n_kv_heads
+
+
+def test_mfu():
+    cfg = ModelConfig(vocab_size=1000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    assert peak_flops("cpu") is None
+    assert mfu(1e5, cfg, 256, peak=None) is None
+    assert mfu(1e5, cfg, 256, peak=1e15, n_devices=2) == pytest.approx(1e5 * flops_per_token(cfg) / 2e15)
