@@ -1,0 +1,196 @@
+"""Train a byte-level BPE tokenizer.json from local text/jsonl files or a Hugging Face dataset.
+
+    python train_custom_tokenizer.py                                  # TinyStories + chat data from ../shared/data
+    python train_custom_tokenizer.py notes.txt chats.jsonl --vocab_size 4096 --output tok.json
+    python train_custom_tokenizer.py --dataset roneneldan/TinyStories --max_docs 200000
+    python train_custom_tokenizer.py --impl scratch                   # the hand-written trainer from chapter 01
+
+Inputs: .txt files hold documents separated by blank lines; .jsonl files hold one JSON object per line with the
+text in --text_field, or a "messages" list of chat turns whose contents are joined so the tokenizer sees chat text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lillm.tokenizer import (
+    MIN_VOCAB_SIZE,
+    BPETokenizer,
+    bytes_per_token,
+    save_tokenizer,
+    train_hf_tokenizer,
+)
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DEFAULT_INPUTS = ("pretrain_tinystories_train.txt", "chat_train.jsonl")
+DEFAULT_VAL_FILE = "pretrain_tinystories_val.txt"
+VAL_SAMPLE_BYTES = 1_000_000  # bytes/token is measured on about this much held-out text
+
+
+class InputError(ValueError):
+    """Bad user input: reported as one line, exit code 2."""
+
+
+def read_txt(path: Path) -> Iterator[str]:
+    """Documents separated by blank lines, streamed line by line."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in itertools.chain(f, [""]):
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield "".join(lines).rstrip("\n")
+                lines = []
+
+
+def record_text(record: object, text_field: str, where: str) -> str:
+    """The text of one jsonl record: `text_field`, or the joined contents of a chat "messages" list."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    value = record.get(text_field, record.get("messages"))
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
+        return "\n".join(m["content"] for m in value)
+    raise InputError(f"{where}: no string field {text_field!r} (or 'messages' list of chat turns); see --text_field")
+
+
+def read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
+            yield record_text(record, text_field, f"{path}:{line_number}")
+
+
+def read_files(paths: list[Path], text_field: str) -> Iterator[str]:
+    for path in paths:
+        yield from read_jsonl(path, text_field) if path.suffix == ".jsonl" else read_txt(path)
+
+
+def read_hf_dataset(name: str, split: str, text_field: str) -> Iterator[str]:
+    """Stream a Hugging Face dataset, so nothing larger than one record is held in memory."""
+    import datasets  # slow to import: only when asked for
+
+    try:
+        dataset = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types (offline, not found, bad split, ...)
+        raise InputError(f"cannot load dataset {name!r} split {split!r}: {e}") from None
+    for i, record in enumerate(dataset):
+        yield record_text(record, text_field, f"{name}[{split}] record {i}")
+
+
+def check_files(paths: list[Path]) -> list[Path]:
+    for path in paths:
+        if not path.is_file():
+            raise InputError(f"input file not found: {path}")
+        if path.suffix not in (".txt", ".jsonl"):
+            raise InputError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+    return paths
+
+
+def resolve_inputs(args: argparse.Namespace) -> tuple[Iterator[str], str]:
+    """The training documents and a short description of where they come from."""
+    if args.dataset and args.inputs:
+        raise InputError("give either input files or --dataset, not both")
+    if args.dataset:
+        docs, source = read_hf_dataset(args.dataset, args.split, args.text_field), f"{args.dataset}[{args.split}]"
+    else:
+        if args.inputs:
+            paths = check_files([Path(p) for p in args.inputs])
+        elif SHARED_DATA.is_dir():
+            paths = check_files([SHARED_DATA / name for name in DEFAULT_INPUTS])
+        else:
+            raise InputError(f"no input files given and {SHARED_DATA} does not exist; pass .txt/.jsonl files or --dataset")
+        docs, source = read_files(paths, args.text_field), ", ".join(str(p) for p in paths)
+    if args.max_docs is not None:
+        docs = itertools.islice(docs, args.max_docs)
+    return docs, source
+
+
+def val_sample(args: argparse.Namespace) -> tuple[list[str], Path | None]:
+    """The first ~1 MB of the held-out file (default: TinyStories val when ../shared/data exists)."""
+    if args.val_file is None:
+        if not (SHARED_DATA / DEFAULT_VAL_FILE).is_file():
+            return [], None
+        path = SHARED_DATA / DEFAULT_VAL_FILE
+    else:
+        path = check_files([Path(args.val_file)])[0]
+    sample, size = [], 0
+    for doc in read_files([path], args.text_field):
+        sample.append(doc)
+        size += len(doc.encode("utf-8"))
+        if size >= VAL_SAMPLE_BYTES:
+            break
+    if not sample:
+        raise InputError(f"validation file {path} holds no text")
+    return sample, path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", help=".txt or .jsonl files (default: TinyStories train + chat_train.jsonl)")
+    parser.add_argument("--dataset", help="Hugging Face dataset name, streamed (instead of input files)")
+    parser.add_argument("--split", default="train", help="dataset split (with --dataset)")
+    parser.add_argument("--max_docs", type=int, help="use at most this many documents")
+    parser.add_argument("--text_field", default="text", help="jsonl/dataset field holding the text")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="total vocabulary incl. 4 special + 256 bytes")
+    parser.add_argument("--output", default="tokenizer.json", help="where to write tokenizer.json (atomically)")
+    parser.add_argument("--impl", choices=("hf", "scratch"), default="hf",
+                        help="hf: the fast `tokenizers` trainer; scratch: the hand-written lillm BPE")
+    parser.add_argument("--val_file", help="held-out .txt/.jsonl for bytes/token (default: TinyStories val)")
+    args = parser.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise InputError(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special + 256 bytes + 1 merge), "
+                         f"got {args.vocab_size}")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise InputError(f"--max_docs must be positive, got {args.max_docs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    docs, source = resolve_inputs(args)
+    val_docs, val_path = val_sample(args)  # fail on a bad --val_file before the long part
+    docs = tqdm(docs, desc="reading documents", unit="doc")
+
+    print(f"training a {args.vocab_size}-token byte-level BPE ({args.impl}) on {source}")
+    start = time.perf_counter()
+    if args.impl == "hf":
+        tokenizer = train_hf_tokenizer(docs, args.vocab_size, show_progress=True)
+    else:
+        scratch = BPETokenizer()
+        scratch.train(docs, args.vocab_size, verbose=True)
+        tokenizer = scratch.to_hf()
+    seconds = time.perf_counter() - start
+    if docs.n == 0:
+        raise InputError(f"no documents found in {source}")
+    save_tokenizer(tokenizer, args.output)
+
+    print(f"vocab size: {tokenizer.get_vocab_size()} (asked for {args.vocab_size})")
+    print(f"training time: {seconds:.2f} s on {docs.n} documents")
+    if val_path is None:
+        print("bytes/token: skipped (no --val_file and no ../shared/data)")
+    else:
+        print(f"bytes/token on {val_path}: {bytes_per_token(tokenizer, val_docs):.3f}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"train_custom_tokenizer.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
