@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lillm.paths import default_data_dir
 from lillm.tokenizer import (
     MIN_VOCAB_SIZE,
     BPETokenizer,
@@ -27,7 +28,6 @@ from lillm.tokenizer import (
     train_hf_tokenizer,
 )
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 DEFAULT_INPUTS = ("pretrain_tinystories_train.txt", "chat_train.jsonl")
 DEFAULT_VAL_FILE = "pretrain_tinystories_val.txt"
 VAL_SAMPLE_BYTES = 1_000_000  # bytes/token is measured on about this much held-out text
@@ -108,10 +108,11 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Iterator[str], str]:
     else:
         if args.inputs:
             paths = check_files([Path(p) for p in args.inputs])
-        elif SHARED_DATA.is_dir():
-            paths = check_files([SHARED_DATA / name for name in DEFAULT_INPUTS])
+        elif (data_dir := default_data_dir()) is not None:
+            paths = check_files([data_dir / name for name in DEFAULT_INPUTS])
         else:
-            raise InputError(f"no input files given and {SHARED_DATA} does not exist; pass .txt/.jsonl files or --dataset")
+            raise InputError("no input files given and no default data folder (../shared/data or $LILLM_DATA_DIR); "
+                             "pass .txt/.jsonl files or --dataset")
         docs, source = read_files(paths, args.text_field), ", ".join(str(p) for p in paths)
     if args.max_docs is not None:
         docs = itertools.islice(docs, args.max_docs)
@@ -121,9 +122,10 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Iterator[str], str]:
 def val_sample(args: argparse.Namespace) -> tuple[list[str], Path | None]:
     """The first ~1 MB of the held-out file (default: TinyStories val when ../shared/data exists)."""
     if args.val_file is None:
-        if not (SHARED_DATA / DEFAULT_VAL_FILE).is_file():
+        data_dir = default_data_dir()
+        if data_dir is None or not (data_dir / DEFAULT_VAL_FILE).is_file():
             return [], None
-        path = SHARED_DATA / DEFAULT_VAL_FILE
+        path = data_dir / DEFAULT_VAL_FILE
     else:
         path = check_files([Path(args.val_file)])[0]
     sample, size = [], 0

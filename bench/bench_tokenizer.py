@@ -14,12 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run from anywhere without installing
-
-from lillm.tokenizer import BPETokenizer, bytes_per_token, train_hf_tokenizer  # noqa: E402
-
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from lillm.paths import default_data_dir
+from lillm.tokenizer import BPETokenizer, bytes_per_token, train_hf_tokenizer
 
 
 def read_docs(path: Path) -> list[str]:
@@ -34,8 +30,9 @@ def timed(fn, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=Path, default=SHARED_DATA / "pretrain_tinystories_train.txt")
-    parser.add_argument("--val", type=Path, default=SHARED_DATA / "pretrain_tinystories_val.txt")
+    data_dir = default_data_dir() or Path("../shared/data")
+    parser.add_argument("--train", type=Path, default=data_dir / "pretrain_tinystories_train.txt")
+    parser.add_argument("--val", type=Path, default=data_dir / "pretrain_tinystories_val.txt")
     parser.add_argument("--vocab_size", type=int, default=8192)
     args = parser.parse_args()
     for path in (args.train, args.val):
