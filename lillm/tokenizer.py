@@ -120,6 +120,7 @@ class BPETokenizer:
         """
         if vocab_size < MIN_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (4 special + 256 bytes + 1), got {vocab_size}")
+        _check_texts(texts)
         word_counts: Counter[str] = Counter()
         for text in texts:
             word_counts.update(_SPLIT_RE.findall(text))
@@ -249,7 +250,11 @@ class BPETokenizer:
 
     # ---------------------------------------------------------------------------------------------- export
     def to_hf(self) -> Tokenizer:
-        """The same tokenizer as a `tokenizers.Tokenizer` (same ids for every text)."""
+        """The same tokenizer as a `tokenizers.Tokenizer`: the same ids for every text, with one caveat.
+
+        The split regex runs on Oniguruma there and on Python's `regex` here; they agree on every character
+        assigned in Unicode 14, but may classify characters assigned later differently.
+        """
         vocab = {_token_string(token): i for i, token in enumerate(self.vocab) if i >= BYTE_OFFSET}
         vocab.update({token: i for i, token in enumerate(SPECIAL_TOKENS)})
         merges = [(_token_string(self.vocab[a]), _token_string(self.vocab[b])) for a, b in self.merges]
@@ -289,6 +294,7 @@ def train_hf_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: boo
     """Train the same kind of byte-level BPE with the fast Rust `BpeTrainer` (what the scripts use)."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (4 special + 256 bytes + 1), got {vocab_size}")
+    _check_texts(texts)
     tokenizer = _with_lillm_pipeline(models.BPE(ignore_merges=False))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -301,6 +307,11 @@ def train_hf_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: boo
     _check_special_tokens(tokenizer, "trained tokenizer")
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def _check_texts(texts: Iterable[str]) -> None:
+    if isinstance(texts, str):  # a str is iterable too, and would train on single characters
+        raise TypeError("texts must be an iterable of strings (documents), not a single string")
 
 
 def _check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
