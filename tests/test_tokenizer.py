@@ -253,6 +253,9 @@ def test_bad_vocab_size_and_bad_files(tmp_path: Path) -> None:
         BPETokenizer().train(["hello"], vocab_size=260)
     with pytest.raises(ValueError, match="at least 261"):
         train_hf_tokenizer(["hello"], vocab_size=100)
+    for train in (BPETokenizer().train, train_hf_tokenizer):
+        with pytest.raises(TypeError, match="not a single string"):
+            train("one string is not a corpus", 300)
     save_tokenizer(train_hf_tokenizer(["hello"], vocab_size=300), tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="not a lillm-bpe file"):
         BPETokenizer.load(tmp_path / "tokenizer.json")

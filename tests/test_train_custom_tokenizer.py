@@ -79,13 +79,15 @@ def test_trains_from_local_dataset_folder(tmp_path: Path) -> None:
         (lambda d: [d / "bad.jsonl"], r"bad\.jsonl:2: invalid JSON"),
         (lambda d: [d / "nofield.jsonl"], r"nofield\.jsonl:1: no string field 'text'"),
         (lambda d: [d / "ok.txt", "--vocab_size", "260"], r"--vocab_size must be at least 261 .*got 260"),
+        (lambda d: [d / "empty.txt"], r"no documents found in .*empty\.txt"),
     ],
-    ids=["missing_file", "bad_json_line", "missing_field", "vocab_too_small"],
+    ids=["missing_file", "bad_json_line", "missing_field", "vocab_too_small", "no_documents"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(make_args, message: str, tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
     (tmp_path / "nofield.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
     (tmp_path / "ok.txt").write_text("hello there\n\ngeneral kenobi\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     result = run_cli(*make_args(tmp_path), "--output", tmp_path / "out.json", cwd=tmp_path)
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
