@@ -1,0 +1,154 @@
+"""Tokenize a text corpus into train.bin / val.bin token shards for pretrain.py.
+
+    python data/prepare_pretrain.py                                   # TinyStories from ../shared/data
+    python data/prepare_pretrain.py corpus.txt --val_fraction 0.01 --out_dir data/mycorpus
+    python data/prepare_pretrain.py --dataset HuggingFaceFW/fineweb-edu --dataset_config sample-10BT \\
+        --max_docs 200000 --tokenizer tokenizer.json --out_dir data/fineweb
+
+Inputs: .txt files (documents separated by a blank line), .jsonl files (one document per line in --text_field),
+or a Hugging Face dataset streamed with `datasets`. An EOS token follows every document. The output folder gets
+train.bin, val.bin (uint16 when the vocabulary has at most 65536 tokens, else uint32), a copy of the tokenizer and
+meta.json with the counts, the dtype and the tokenizer's SHA-256 (pretrain.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm.auto import tqdm  # noqa: E402
+
+from lillm.data import META_FILE, TOKENIZER_FILE, ShardWriter, file_sha256, shard_dtype  # noqa: E402
+from lillm.paths import default_data_file  # noqa: E402
+from lillm.tokenizer import EOS_ID, atomic_write_text, load_tokenizer  # noqa: E402
+
+
+def read_documents(path: Path, text_field: str) -> Iterator[str]:
+    """Documents of a .txt (blank-line separated) or .jsonl (one JSON object per line) file."""
+    if not path.is_file():
+        raise ValueError(f"input file not found: {path}")
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)[text_field]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{line_no}: expected a JSON object with a {text_field!r} string ({e})") from None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{line_no}: {text_field!r} is {type(text).__name__}, not a string")
+                if text.strip():
+                    yield text
+    else:
+        text = path.read_text(encoding="utf-8")
+        yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
+
+
+def hub_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
+    """Documents streamed from the Hugging Face Hub (nothing is downloaded up front)."""
+    from datasets import load_dataset
+
+    for row in load_dataset(name, config, split=split, streaming=True):
+        if row.get(text_field):
+            yield row[text_field]
+
+
+def write_shard(docs: Iterable[str], tokenizer, writer: ShardWriter, batch_docs: int, desc: str) -> int:
+    """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores), EOS after each.
+    Returns the number of UTF-8 bytes of text written, used for bits-per-byte."""
+    n_bytes = 0
+    bar = tqdm(desc=desc, unit=" docs", dynamic_ncols=True)
+    docs = iter(docs)
+    while batch := list(itertools.islice(docs, batch_docs)):
+        for encoding in tokenizer.encode_batch(batch):
+            writer.write([*encoding.ids, EOS_ID])
+        n_bytes += sum(len(d.encode("utf-8")) for d in batch)
+        bar.update(len(batch))
+        bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
+    bar.close()
+    return n_bytes
+
+
+def is_val_document(doc: str, val_fraction: float) -> bool:
+    """A stable, content-based split: the same document lands on the same side on every run."""
+    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) < val_fraction * 16**8
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path, help=".txt or .jsonl training files (default: TinyStories train)")
+    p.add_argument("--val_file", type=Path, nargs="*", help="held-out files (default: TinyStories val with the default inputs)")
+    p.add_argument("--val_fraction", type=float, default=0.0, help="hold out this fraction of the inputs instead")
+    p.add_argument("--dataset", help="Hugging Face dataset name, streamed (e.g. roneneldan/TinyStories)")
+    p.add_argument("--dataset_config", help="dataset configuration name (e.g. sample-10BT for FineWeb-Edu)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--val_split", help="dataset split for validation (default: --val_fraction of --split)")
+    p.add_argument("--max_docs", type=int, help="stop after this many training documents (for --dataset)")
+    p.add_argument("--text_field", default="text", help="field holding the text in .jsonl / dataset rows")
+    p.add_argument("--tokenizer", type=Path, default=Path("tokenizer.json"), help="tokenizer.json to encode with")
+    p.add_argument("--out_dir", type=Path, default=Path("data/tinystories"))
+    p.add_argument("--batch_docs", type=int, default=1024, help="documents per encode_batch call")
+    args = p.parse_args(argv)
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        if args.dataset:
+            train_docs = hub_documents(args.dataset, args.dataset_config, args.split, args.text_field)
+            val_docs = hub_documents(args.dataset, args.dataset_config, args.val_split, args.text_field) if args.val_split else None
+            if args.max_docs:
+                train_docs = itertools.islice(train_docs, args.max_docs)
+        else:
+            inputs = args.inputs or [default_data_file("pretrain_tinystories_train.txt")]
+            if args.val_file is None and not args.inputs and args.val_fraction == 0:
+                args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
+            train_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in inputs)
+            val_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in args.val_file) if args.val_file else None
+        if val_docs is None:
+            if not 0 < args.val_fraction < 1:
+                raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
+            train_docs = list(train_docs)
+            val_docs = [d for d in train_docs if is_val_document(d, args.val_fraction)]
+            train_docs = [d for d in train_docs if not is_val_document(d, args.val_fraction)]
+
+        vocab_size = tokenizer.get_vocab_size()
+        dtype = shard_dtype(vocab_size)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        counts = {}
+        for name, docs in (("train", train_docs), ("val", val_docs)):
+            writer = ShardWriter(args.out_dir / f"{name}.bin", dtype)
+            n_bytes = write_shard(docs, tokenizer, writer, args.batch_docs, desc=f"{name}.bin")
+            if writer.tokens == 0:
+                raise ValueError(f"the {name} corpus is empty: no non-blank document was found")
+            writer.commit()
+            counts[f"{name}_tokens"], counts[f"{name}_bytes"] = writer.tokens, n_bytes
+    except (ValueError, FileNotFoundError) as e:
+        print(f"prepare_pretrain.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    if args.tokenizer.resolve() != (args.out_dir / TOKENIZER_FILE).resolve():
+        shutil.copyfile(args.tokenizer, args.out_dir / TOKENIZER_FILE)
+    meta = {
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "tokenizer_sha256": file_sha256(args.out_dir / TOKENIZER_FILE),
+        "source": args.dataset or [str(f) for f in (args.inputs or ["TinyStories (default)"])],
+        **counts,
+    }
+    atomic_write_text(args.out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    print(
+        f"wrote {args.out_dir}: train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens "
+        f"({dtype.name}, vocab {vocab_size}, {counts['val_bytes'] / counts['val_tokens']:.2f} bytes/token on val)"
+    )
+
+
+if __name__ == "__main__":
+    main()

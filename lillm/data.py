@@ -1,0 +1,119 @@
+"""Pretraining data: token shards on disk and deterministic batch sampling.
+
+A shard is a flat binary file of token ids (uint16 when the vocabulary fits, else uint32), with documents
+separated by EOS, read through a numpy memmap so a corpus larger than RAM costs nothing to open. A folder of
+shards holds train.bin, val.bin, meta.json (dtype, counts, tokenizer hash) and the tokenizer.json they were
+made with.
+
+Batches are a pure function of (seed, step, chunk): resuming at step s replays exactly what an uninterrupted run
+would have seen, and a run on N processes sees exactly the sequences of one process with N-times gradient
+accumulation (chunk = rank * grad_accum + micro_step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class DataError(ValueError):
+    """Shards are missing, corrupt, or inconsistent with the tokenizer or model."""
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Appends token arrays to DIR/NAME.bin.tmp; `commit` renames it into place, so a crash never leaves a
+    half-written shard under the real name."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, dtype
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file = open(self.tmp, "wb")
+        self.tokens = 0
+
+    def write(self, ids: list[int]) -> None:
+        np.asarray(ids, dtype=self.dtype).tofile(self.file)
+        self.tokens += len(ids)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+
+@dataclass
+class ShardSet:
+    train: np.ndarray  # memmap of token ids
+    val: np.ndarray
+    meta: dict
+    tokenizer_path: Path
+
+    @property
+    def val_bytes_per_token(self) -> float:
+        """UTF-8 bytes of text per validation token, to turn nats/token into bits/byte."""
+        return self.meta["val_bytes"] / self.meta["val_tokens"]
+
+
+def _open_shard(path: Path, dtype: np.dtype, min_tokens: int) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"shard not found: {path} (run data/prepare_pretrain.py first)")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(f"corrupt shard {path}: {size} bytes is not a multiple of the {dtype.name} item size")
+    if size // dtype.itemsize < min_tokens:
+        raise DataError(f"shard {path} has {size // dtype.itemsize} tokens; at least {min_tokens} are needed (seq_len + 1)")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def open_shards(data_dir: str | os.PathLike, seq_len: int) -> ShardSet:
+    """Open DIR/train.bin and DIR/val.bin as memmaps after checking them against DIR/meta.json."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} not found (run data/prepare_pretrain.py to make shards)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype = np.dtype(meta["dtype"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path}: invalid shard metadata ({e})") from None
+    train = _open_shard(data_dir / "train.bin", dtype, seq_len + 1)
+    val = _open_shard(data_dir / "val.bin", dtype, seq_len + 1)
+    for name, shard in (("train", train), ("val", val)):
+        if len(shard) != meta[f"{name}_tokens"]:
+            raise DataError(f"corrupt shard {data_dir / (name + '.bin')}: {len(shard)} tokens, meta.json says {meta[name + '_tokens']}")
+    return ShardSet(train, val, meta, data_dir / TOKENIZER_FILE)
+
+
+def sample_batch(
+    shard: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (batch_size, seq_len), int64.
+
+    The window starts depend only on (seed, step, chunk), never on earlier calls."""
+    rng = np.random.default_rng([seed, step, chunk])
+    starts = rng.integers(0, len(shard) - seq_len, size=batch_size)
+    windows = np.stack([shard[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    batch = torch.from_numpy(windows)
+    return batch[:, :-1], batch[:, 1:]

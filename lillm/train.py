@@ -1,0 +1,318 @@
+"""Training machinery shared by pretrain.py and sft_train.py.
+
+Devices and precision, torchrun/DDP set-up, the learning-rate schedule, the optimizer, RNG state for exact
+resumes, logging (progress bar, CSV, TensorBoard, a loss-curve PNG) and `fit`, the optimisation loop itself.
+The scripts only say where batches come from, how to evaluate and how to save.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ---------------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda > mps > cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' picks bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use auto, fp32 or bf16")
+    return dtypes[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: matmuls in dtype, weights and optimizer state stay fp32. A no-op for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files and prints."""
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the torchrun process group if RANK/WORLD_SIZE are set (nccl on CUDA, gloo on CPU)."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return DistInfo(0, 0, 1, device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world, device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    """Average a Python number over ranks (identity on one process)."""
+    if info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.item() / info.world_size
+
+
+# ---------------------------------------------------------------------------------------------- optimisation
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up from ~0 to lr over warmup_steps, then cosine decay to min_lr at max_steps.
+    step counts from 0; warm-up avoids huge early updates while Adam's moment estimates are still noisy."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying norm gains would just fight the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG a run draws from, to be stored in a checkpoint (weights_only-loadable types only)."""
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": np.random.get_state()[1].tolist(),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+class RunLogger:
+    """Metrics to a CSV file and TensorBoard; a loss-curve PNG at the end. Does nothing on ranks other than 0."""
+
+    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool = True, resume: bool = False):
+        self.enabled = enabled and log_dir is not None
+        self.rows: list[dict] = []
+        if not self.enabled:
+            return
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.log_dir / "metrics.csv"
+        if resume and self.csv_path.is_file():
+            with open(self.csv_path) as f:
+                self.rows = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.log_dir))
+
+    def log(self, step: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
+        self.rows = [r for r in self.rows if not (r["step"] == step and set(metrics) <= set(r))]
+        self.rows.append({"step": step, **metrics})
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+        fields = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.csv_path)
+
+    def close(self, title: str = "loss") -> Path | None:
+        """Flush TensorBoard and plot every *loss column against step into loss.png."""
+        if not self.enabled:
+            return None
+        self.tensorboard.close()
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in sorted({k for r in self.rows for k in r if k.endswith("loss")}):
+            points = [(r["step"], r[name]) for r in self.rows if name in r]
+            ax.plot(*zip(*points), label=name, marker="o" if name.startswith("val") else None, markersize=3)
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.log_dir / "loss.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    grad_accum: int
+    eval_interval: int
+    ckpt_interval: int
+    log_interval: int = 10
+
+
+Batch = tuple[torch.Tensor, ...]  # (inputs, targets) or (inputs, targets, loss_mask)
+
+
+def fit(
+    model: torch.nn.Module,
+    info: DistInfo,
+    cfg: TrainConfig,
+    get_batch: Callable[[int, int], Batch],
+    evaluate: Callable[[], dict[str, float]],
+    save: Callable[[int, torch.optim.Optimizer, dict], None],
+    logger: RunLogger,
+    dtype: torch.dtype,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    tokens_per_step: int | None = None,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
+) -> dict[str, float]:
+    """Run optimizer steps start_step .. cfg.max_steps - 1 and return the last metrics.
+
+    get_batch(step, micro_step) returns this rank's micro-batch on the right device. Each micro-batch loss is
+    divided by grad_accum and DDP averages gradients over ranks, so N ranks x grad_accum A equals one process with
+    grad_accum N*A when the chunks match. evaluate() runs with the model in eval mode on every rank. save(step,
+    optimizer, metrics) is called on every rank after each ckpt_interval and at the end (it must write on rank 0
+    only). tokens_per_step (over all ranks) drives tokens/s; with flops_per_token and peak_flops, MFU too.
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.world_size > 1 else model
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t_last, tokens_since = time.perf_counter(), 0
+
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = get_batch(step, micro)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = ddp_model.no_sync() if (info.world_size > 1 and not last_micro) else nullcontext()
+            with sync:
+                with autocast(info.device, dtype):
+                    _, loss = ddp_model(*batch[:2], loss_mask=batch[2] if len(batch) > 2 else None)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        train_loss = all_reduce_mean(loss_sum / cfg.grad_accum, info)
+        tokens_since += tokens_per_step or 0
+        metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            elapsed = time.perf_counter() - t_last
+            if tokens_per_step:
+                metrics["tokens_per_s"] = tokens_since / elapsed
+                if flops_per_token and peak_flops:
+                    metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / (peak_flops * info.world_size)
+            t_last, tokens_since = time.perf_counter(), 0
+            logger.log(done, **metrics)
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            model.eval()
+            with torch.no_grad(), autocast(info.device, dtype):
+                eval_metrics = evaluate()
+            metrics.update(eval_metrics)
+            logger.log(done, **eval_metrics)
+        postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.1e}"}
+        if "tokens_per_s" in metrics:
+            postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+        if "mfu" in metrics:
+            postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        if "val_loss" in metrics:
+            postfix["val"] = f"{metrics['val_loss']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if done % cfg.ckpt_interval == 0 or done == cfg.max_steps:
+            save(done, optimizer, metrics)
+    bar.close()
+    return metrics

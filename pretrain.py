@@ -1,0 +1,212 @@
+"""Pretrain LilLM on token shards, on one process or many (torchrun, DDP).
+
+    python pretrain.py --preset tiny                                   # a laptop CPU, minutes
+    torchrun --standalone --nproc_per_node=2 pretrain.py --preset base  # 2 GPUs
+    python pretrain.py --preset tiny --resume                          # continue an interrupted run exactly
+
+Every ModelConfig field is also a flag (--dim, --n_layers, --pos_encoding, ...), overriding the preset.
+The checkpoint folder (--out_dir) is rewritten atomically every --ckpt_interval steps and at the end;
+metrics go to --log_dir (CSV, TensorBoard, loss.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lillm.checkpoint import CheckpointError, load_config, load_trainer_state, save_checkpoint
+from lillm.data import DataError, file_sha256, open_shards, sample_batch
+from lillm.flops import count_parameters, flops_per_token, peak_flops
+from lillm.model import LilLM, ModelConfig
+from lillm.tokenizer import load_tokenizer
+from lillm.train import (
+    RunLogger,
+    TrainConfig,
+    all_reduce_mean,
+    cleanup_distributed,
+    fit,
+    resolve_dtype,
+    restore_rng_state,
+    rng_state,
+    set_seed,
+    setup_distributed,
+)
+
+# Named starting points; any flag overrides them. tiny: a 2-core CPU in minutes. small: ~18M parameters, a
+# single GPU in well under an hour. base: ~100M parameters with a 32k vocabulary, for 1-2 GPUs.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                 batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=600,
+                 eval_interval=100, ckpt_interval=200),
+    "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=512,
+                  batch_size=32, grad_accum=1, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200, max_steps=5000,
+                  eval_interval=250, ckpt_interval=1000),
+    "base": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=1024,
+                 batch_size=32, grad_accum=4, lr=6e-4, min_lr=6e-5, warmup_steps=500, max_steps=20000,
+                 eval_interval=500, ckpt_interval=1000),
+}
+MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--data_dir", type=Path, default=Path("data/tinystories"), help="shards from data/prepare_pretrain.py")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one saved with the shards)")
+    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/base"), help="checkpoint folder")
+    p.add_argument("--log_dir", type=Path, help="metrics folder (default: runs/<out_dir name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out_dir")
+    model = p.add_argument_group("model (override the preset)")
+    model.add_argument("--vocab_size", type=int, help="default: the tokenizer's vocabulary size")
+    for f in MODEL_FIELDS:
+        kind = bool if f.type in (bool, "bool") else type(f.default) if f.default is not None else int
+        if kind is bool:
+            model.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            model.add_argument(f"--{f.name}", type=kind, default=None)
+    train = p.add_argument_group("training (override the preset)")
+    train.add_argument("--batch_size", type=int, help="sequences per micro-batch per process")
+    train.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step per process")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--min_lr", type=float, help="learning rate at the end of the cosine decay")
+    train.add_argument("--warmup_steps", type=int)
+    train.add_argument("--max_steps", type=int, help="optimizer steps")
+    train.add_argument("--max_tokens", type=float, help="token budget; sets max_steps (e.g. 5e7)")
+    train.add_argument("--weight_decay", type=float, default=0.1)
+    train.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    train.add_argument("--eval_interval", type=int)
+    train.add_argument("--eval_batches", type=int, default=20)
+    train.add_argument("--ckpt_interval", type=int)
+    train.add_argument("--log_interval", type=int, default=10)
+    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def model_config(args: argparse.Namespace, tokenizer_vocab: int) -> ModelConfig:
+    vocab_size = args.vocab_size or tokenizer_vocab
+    if vocab_size < tokenizer_vocab:
+        raise ValueError(f"--vocab_size {vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab} tokens)")
+    given = {f.name: getattr(args, f.name) for f in MODEL_FIELDS if getattr(args, f.name) is not None}
+    return ModelConfig(vocab_size=vocab_size, **given)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = setup_distributed(args.device)
+    try:
+        run(args, info)
+    except (ValueError, FileNotFoundError) as e:  # DataError and CheckpointError are ValueErrors
+        print(f"pretrain.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
+
+
+def run(args: argparse.Namespace, info) -> None:
+    set_seed(args.seed)
+    tokenizer_path = args.tokenizer or args.data_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_path)
+    shards = open_shards(args.data_dir, args.max_seq_len)
+    if file_sha256(tokenizer_path) != shards.meta["tokenizer_sha256"]:
+        raise DataError(f"{tokenizer_path} is not the tokenizer the shards in {args.data_dir} were made with (SHA-256 differs)")
+
+    if args.resume:
+        config = load_config(args.out_dir)
+        state = load_trainer_state(args.out_dir)
+    else:
+        config, state = model_config(args, tokenizer.get_vocab_size()), None
+    if config.vocab_size < shards.meta["vocab_size"]:
+        raise ValueError(f"model vocab_size {config.vocab_size} is smaller than the shards' tokenizer ({shards.meta['vocab_size']})")
+    if args.max_tokens:
+        args.max_steps = math.ceil(args.max_tokens / (args.batch_size * args.grad_accum * info.world_size * config.max_seq_len))
+    if args.batch_size * args.grad_accum < 1 or args.max_steps < 1:
+        raise ValueError("--batch_size, --grad_accum and --max_steps must be positive")
+
+    dtype = resolve_dtype(args.dtype, info.device)
+    model = LilLM(config).to(info.device)
+    model.gradient_checkpointing = args.grad_checkpointing
+    start_step, optimizer_state = 0, None
+    if state is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(args.out_dir / "model.safetensors"), strict=False, device=str(info.device))
+        start_step, optimizer_state = state["step"], state["optimizer"]
+        restore_rng_state(state["rng"])
+        if start_step >= args.max_steps:
+            raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
+    train_model = torch.compile(model) if args.compile else model
+
+    seq_len, batch_size, accum = config.max_seq_len, args.batch_size, args.grad_accum
+    tokens_per_step = batch_size * accum * info.world_size * seq_len
+    log_dir = args.log_dir or Path("runs") / args.out_dir.name
+    logger = RunLogger(log_dir, enabled=info.is_main, resume=args.resume)
+    if info.is_main:
+        print(
+            f"LilLM {count_parameters(config) / 1e6:.2f}M parameters | {info.world_size} process(es) on {info.device} "
+            f"({str(dtype).removeprefix('torch.')}) | {tokens_per_step:,} tokens/step | {args.max_steps} steps "
+            f"({tokens_per_step * args.max_steps / 1e6:.1f}M tokens) | train shard {len(shards.train):,} tokens"
+        )
+
+    def get_batch(step: int, micro: int):
+        x, y = sample_batch(shards.train, batch_size, seq_len, args.seed, step, chunk=info.rank * accum + micro)
+        return x.to(info.device), y.to(info.device)
+
+    def evaluate() -> dict[str, float]:
+        losses = []
+        for i in range(info.rank, args.eval_batches, info.world_size):
+            x, y = sample_batch(shards.val, batch_size, seq_len, seed=0, step=i)
+            losses.append(model(x.to(info.device), y.to(info.device))[1].item())
+        mean = sum(losses) / max(1, len(losses))
+        val_loss = all_reduce_mean(mean, info)
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / shards.val_bytes_per_token}
+
+    started = time.perf_counter()
+
+    def save(step: int, optimizer, metrics: dict) -> None:
+        if not info.is_main:
+            return
+        meta = {
+            "stage": "base",
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "data_dir": str(args.data_dir),
+            "metrics": metrics,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        }
+        trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        save_checkpoint(args.out_dir, model, tokenizer_path, meta=meta, trainer_state=trainer_state)
+
+    cfg = TrainConfig(
+        max_steps=args.max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=accum,
+        eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
+    )
+    metrics = fit(
+        train_model, info, cfg, get_batch, evaluate, save, logger, dtype,
+        start_step=start_step, optimizer_state=optimizer_state, tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device),
+    )
+    plot = logger.close(title=f"pretraining {args.out_dir.name}")
+    if info.is_main:
+        print(
+            f"done in {time.perf_counter() - started:.0f} s: val loss {metrics['val_loss']:.4f}, "
+            f"val bits/byte {metrics['val_bpb']:.4f} -> {args.out_dir}" + (f" (curve: {plot})" if plot else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
