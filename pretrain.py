@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lillm.checkpoint import CheckpointError, load_config, load_trainer_state, save_checkpoint
+from lillm.checkpoint import load_config, load_trainer_state, resolve, save_checkpoint
 from lillm.data import DataError, file_sha256, open_shards, sample_batch
 from lillm.flops import count_parameters, flops_per_token, peak_flops
 from lillm.model import LilLM, ModelConfig
@@ -125,8 +125,8 @@ def run(args: argparse.Namespace, info) -> None:
         raise DataError(f"{tokenizer_path} is not the tokenizer the shards in {args.data_dir} were made with (SHA-256 differs)")
 
     if args.resume:
-        config = load_config(args.out_dir)
-        state = load_trainer_state(args.out_dir)
+        resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
+        config, state = load_config(resume_dir), load_trainer_state(resume_dir)
     else:
         config, state = model_config(args, tokenizer.get_vocab_size()), None
     if config.vocab_size < shards.meta["vocab_size"]:
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, info) -> None:
     if state is not None:
         from safetensors.torch import load_model
 
-        load_model(model, str(args.out_dir / "model.safetensors"), strict=False, device=str(info.device))
+        load_model(model, str(resume_dir / "model.safetensors"), strict=False, device=str(info.device))
         start_step, optimizer_state = state["step"], state["optimizer"]
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:

@@ -98,6 +98,8 @@ def open_shards(data_dir: str | os.PathLike, seq_len: int) -> ShardSet:
         dtype = np.dtype(meta["dtype"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(f"{meta_path}: invalid shard metadata ({e})") from None
+    if meta.get("vocab_size", 0) > np.iinfo(dtype).max + 1:
+        raise DataError(f"{meta_path}: vocab_size {meta['vocab_size']} does not fit the shard dtype {dtype.name}")
     train = _open_shard(data_dir / "train.bin", dtype, seq_len + 1)
     val = _open_shard(data_dir / "val.bin", dtype, seq_len + 1)
     for name, shard in (("train", train), ("val", val)):

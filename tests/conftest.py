@@ -47,3 +47,40 @@ def tokenizer_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
     save_tokenizer(train_hf_tokenizer(texts, vocab_size=1024), path)
     return path
+
+
+def write_text_slice(source: Path, target: Path, n_chars: int) -> Path:
+    """The first n_chars of a corpus file, cut at a document boundary."""
+    text = source.read_text(encoding="utf-8")[:n_chars]
+    target.write_text(text[: text.rfind("\n\n")], encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="session")
+def shards_dir(data_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards of ~400 KB of TinyStories train and ~100 KB of val, made by data/prepare_pretrain.py."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("shards")
+    train = write_text_slice(data_dir / "pretrain_tinystories_train.txt", root / "train.txt", 400_000)
+    val = write_text_slice(data_dir / "pretrain_tinystories_val.txt", root / "val.txt", 100_000)
+    spec = importlib.util.spec_from_file_location("prepare_pretrain", REPO_ROOT / "data" / "prepare_pretrain.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    prepare.main([str(train), "--val_file", str(val), "--tokenizer", str(tokenizer_path), "--out_dir", str(root / "shards")])
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real pretrain.py run: a small LilLM trained for 150 steps on the TinyStories slice (~10 s)."""
+    import pretrain
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    pretrain.main([
+        "--data_dir", str(shards_dir), "--out_dir", str(out), "--log_dir", str(out.parent / "runs"),
+        "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128",
+        "--batch_size", "16", "--max_steps", "150", "--warmup_steps", "20", "--lr", "3e-3",
+        "--eval_interval", "150", "--eval_batches", "4", "--ckpt_interval", "150", "--device", "cpu",
+    ])
+    return out

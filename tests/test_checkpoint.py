@@ -42,3 +42,46 @@ def test_broken_checkpoints_fail_clearly(tmp_path, tokenizer_path):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("crash_at", ["torch.save", "fsync", "first rename", "second rename"])
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, tokenizer_path, monkeypatch, crash_at):
+    import os
+
+    import lillm.checkpoint as ckpt_module
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=1024, dim=32, n_layers=1, n_heads=2, n_kv_heads=1)
+    old, new = LilLM(config), LilLM(config)
+    target = save_checkpoint(tmp_path / "ckpt", old, tokenizer_path, meta={"step": 1}, trainer_state={"step": 1})
+
+    class Crash(RuntimeError):
+        pass
+
+    renames = []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        renames.append(src)
+        if (crash_at == "first rename" and len(renames) == 1) or (crash_at == "second rename" and len(renames) == 2):
+            raise Crash()
+        real_rename(src, dst)
+
+    def crash(*args, **kwargs):
+        raise Crash()
+
+    monkeypatch.setattr(ckpt_module.os, "rename", rename)
+    if crash_at == "torch.save":
+        monkeypatch.setattr(ckpt_module.torch, "save", crash)
+    if crash_at == "fsync":
+        monkeypatch.setattr(ckpt_module, "_fsync_tree", crash)
+    with pytest.raises(Crash):
+        save_checkpoint(target, new, tokenizer_path, meta={"step": 2}, trainer_state={"step": 2})
+    monkeypatch.undo()
+
+    loaded = load_checkpoint(target)  # falls back to ckpt.old when the crash hit between the renames
+    assert loaded.meta == {"step": 1} and load_trainer_state(target)["step"] == 1
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    save_checkpoint(target, new, tokenizer_path, meta={"step": 2})  # and the next save still works
+    assert load_checkpoint(target).meta == {"step": 2} and not (tmp_path / "ckpt.old").exists()

@@ -1,0 +1,130 @@
+"""pretrain.py end to end: DDP equals gradient accumulation, kill -9 then --resume is bit-exact, bad input fails clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--max_seq_len", "32",
+        "--warmup_steps", "5", "--eval_batches", "2", "--log_interval", "1", "--device", "cpu", "--dtype", "fp32"]
+
+
+def run_script(args: list[str], nproc: int = 1, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    result = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def train_losses(log_dir: Path) -> list[float]:
+    with open(log_dir / "metrics.csv") as f:
+        return [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_equals_one_process_with_grad_accum(shards_dir, tmp_path):
+    common = ["pretrain.py", "--data_dir", str(shards_dir), *TINY, "--max_steps", "12", "--eval_interval", "12",
+              "--ckpt_interval", "12", "--batch_size", "4"]
+    run_script([*common, "--grad_accum", "2", "--out_dir", str(tmp_path / "one"), "--log_dir", str(tmp_path / "log1")])
+    run_script([*common, "--grad_accum", "1", "--out_dir", str(tmp_path / "two"), "--log_dir", str(tmp_path / "log2")], nproc=2)
+    one, two = train_losses(tmp_path / "log1"), train_losses(tmp_path / "log2")
+    assert len(one) == len(two) == 12
+    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
+    assert one[-1] < one[0] - 0.2  # and it learned something
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in w1:
+        np.testing.assert_allclose(w2[name], w1[name], atol=1e-5, err_msg=name)
+
+
+def test_kill_then_resume_is_bit_exact(shards_dir, tmp_path):
+    common = ["pretrain.py", "--data_dir", str(shards_dir), *TINY, "--max_steps", "150", "--eval_interval", "50",
+              "--ckpt_interval", "10", "--batch_size", "4", "--dropout", "0.1"]  # dropout: the RNG state matters
+    run_script([*common, "--out_dir", str(tmp_path / "full"), "--log_dir", str(tmp_path / "log_full")])
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *common, "--out_dir", str(out), "--log_dir", str(tmp_path / "log_k")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "meta.json").is_file() and not (out.parent / "killed.old").is_dir() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(((out if out.is_dir() else out.parent / "killed.old") / "meta.json").read_text())["step"]
+    assert killed_at < 150, "the run finished before it could be killed"
+
+    run_script([*common, "--out_dir", str(out), "--log_dir", str(tmp_path / "log_k"), "--resume"])
+    assert json.loads((out / "meta.json").read_text())["step"] == 150
+    full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in full:
+        assert np.array_equal(full[name], resumed[name]), f"{name} differs after resume (killed at step {killed_at})"
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]), "not a multiple"),
+        (lambda d: (d / "val.bin").unlink(), "shard not found"),
+        (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), "vocab_size": 70000})), "does not fit the shard dtype"),
+        (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad|>" ', 1)), "SHA-256 differs"),
+    ],
+    ids=["corrupt-shard", "missing-val", "vocab-too-large-for-dtype", "other-tokenizer"],
+)
+def test_bad_shards_fail_clearly(shards_dir, tmp_path, break_it, message):
+    data = tmp_path / "shards"
+    shutil.copytree(shards_dir, data)
+    break_it(data)
+    result = run_script(["pretrain.py", "--data_dir", str(data), *TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_vocab_smaller_than_tokenizer_fails(shards_dir, tmp_path):
+    result = run_script(["pretrain.py", "--data_dir", str(shards_dir), *TINY, "--vocab_size", "500", "--out_dir", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2 and "smaller than the tokenizer's vocabulary (1024 tokens)" in result.stderr
+
+
+def test_empty_corpus_fails_and_keeps_old_shards(shards_dir, tokenizer_path, tmp_path):
+    data = tmp_path / "shards"
+    shutil.copytree(shards_dir, data)
+    before = (data / "train.bin").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n\n")
+    result = run_script(["data/prepare_pretrain.py", str(empty), "--val_file", str(empty), "--tokenizer", str(tokenizer_path), "--out_dir", str(data)], check=False)
+    assert result.returncode == 2 and "the train corpus is empty" in result.stderr
+    assert (data / "train.bin").read_bytes() == before  # nothing already written was lost
+
+
+def test_prepare_reports_bad_jsonl_line(tokenizer_path, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    result = run_script(["data/prepare_pretrain.py", str(bad), "--val_fraction", "0.5", "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2 and f"{bad}:2:" in result.stderr
+
+
+def test_shards_hold_every_document_then_eos(shards_dir, tokenizer_path, data_dir):
+    from lillm.tokenizer import EOS_ID, load_tokenizer
+
+    meta = json.loads((shards_dir / "meta.json").read_text())
+    val = np.fromfile(shards_dir / "val.bin", dtype=meta["dtype"])
+    assert meta["dtype"] == "uint16" and len(val) == meta["val_tokens"]
+    tokenizer = load_tokenizer(tokenizer_path)
+    docs = tokenizer.decode(val.tolist(), skip_special_tokens=False).split("<|endoftext|>")
+    source = (data_dir / "pretrain_tinystories_val.txt").read_text(encoding="utf-8")[:100_000]
+    expected = source[: source.rfind("\n\n")].split("\n\n")
+    assert docs[:-1] == expected and docs[-1] == "" and val[-1] == EOS_ID
