@@ -88,13 +88,18 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Sum Python numbers over ranks (identity on one process)."""
+    if info.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_reduce_mean(value: float, info: DistInfo) -> float:
     """Average a Python number over ranks (identity on one process)."""
-    if info.world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return t.item() / info.world_size
+    return all_reduce_sum([value], info)[0] / info.world_size
 
 
 # ---------------------------------------------------------------------------------------------- optimisation
