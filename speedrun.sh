@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole pipeline on a CPU, end to end: tokenizer -> token shards -> pretraining (tiny preset) -> SFT -> chat.
+#
+#   bash speedrun.sh                      # data from ../shared/data, everything written under speedrun/
+#   bash speedrun.sh /path/to/data out/   # DATA_DIR holding pretrain_tinystories_{train,val}.txt, chat_{train,val}.jsonl
+#
+# Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS, e.g.
+#   PRETRAIN_ARGS="--max_steps 1500" bash speedrun.sh
+# On GPUs with Hugging Face data the same stages read (see README, "Speedrun and results"):
+#   python data/prepare_pretrain.py --dataset roneneldan/TinyStories --val_split validation --tokenizer tokenizer.json
+#   torchrun --standalone --nproc_per_node=2 pretrain.py --preset base
+#   torchrun --standalone --nproc_per_node=2 sft_train.py --init checkpoints/base --dataset HuggingFaceTB/smoltalk --dataset_config all
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA_DIR=${1:-${LILLM_DATA_DIR:-../shared/data}}
+OUT=${2:-speedrun}
+PYTHON=${PYTHON:-python}
+for f in pretrain_tinystories_train.txt pretrain_tinystories_val.txt chat_train.jsonl chat_val.jsonl; do
+  [ -f "$DATA_DIR/$f" ] || { echo "speedrun.sh: error: $DATA_DIR/$f not found (usage: bash speedrun.sh DATA_DIR [OUT_DIR])" >&2; exit 2; }
+done
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} MPLBACKEND=Agg
+
+declare -a TIMES=()
+stage() {  # stage NAME COMMAND...: run it, time it, remember the time
+  local name=$1; shift
+  echo; echo "=== $name"
+  local start=$SECONDS
+  "$@"
+  TIMES+=("$name: $((SECONDS - start)) s")
+}
+
+stage "1. tokenizer (8192 tokens, TinyStories + chat text)" \
+  $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" "$DATA_DIR/chat_train.jsonl" \
+    --vocab_size 8192 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"
+stage "2. token shards" \
+  $PYTHON data/prepare_pretrain.py "$DATA_DIR/pretrain_tinystories_train.txt" \
+    --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --tokenizer "$OUT/tokenizer.json" --out_dir "$OUT/shards"
+# shellcheck disable=SC2086
+stage "3. pretraining (tiny preset)" \
+  $PYTHON pretrain.py --preset tiny --data_dir "$OUT/shards" --out_dir "$OUT/base" --log_dir "$OUT/runs/base" ${PRETRAIN_ARGS:-}
+# shellcheck disable=SC2086
+stage "4. supervised fine-tuning" \
+  $PYTHON sft_train.py --init "$OUT/base" --train_file "$DATA_DIR/chat_train.jsonl" --val_file "$DATA_DIR/chat_val.jsonl" \
+    --out_dir "$OUT/sft" --log_dir "$OUT/runs/sft" ${SFT_ARGS:-}
+stage "5. a chat exchange" \
+  $PYTHON inference.py --checkpoint "$OUT/sft" --chat --temperature 0 --max_new_tokens 60 \
+    <<< "Can you tell me a short story about a cat?"
+
+echo; echo "=== summary"
+printf "%s\n" "${TIMES[@]}" "total: $SECONDS s"
+$PYTHON - "$OUT" <<'EOF'
+import json, sys
+out = sys.argv[1]
+base = json.load(open(f"{out}/base/meta.json"))["metrics"]
+sft = json.load(open(f"{out}/sft/meta.json"))["summary"]
+print(f"pretraining: validation loss {base['val_loss']:.4f} nats/token, {base['val_bpb']:.4f} bits/byte")
+print(f"SFT: held-out assistant loss {sft['val_loss_before']:.4f} -> {sft['val_loss']:.4f}")
+print(f"SFT: replies ending with <|im_end|>: {sft['im_end_rate']:.0%}")
+EOF
