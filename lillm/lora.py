@@ -7,6 +7,7 @@ model is a plain LilLM with no extra cost at inference.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,7 +24,7 @@ class LoRALinear(nn.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
-        self.base.weight.requires_grad_(False)
+        self.base.requires_grad_(False)
         self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
@@ -33,11 +34,11 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain Linear whose weight includes the update."""
-        linear = nn.Linear(self.base.in_features, self.base.out_features, bias=False, device=self.base.weight.device)
+        """A plain Linear (a copy of the base, bias and dtype included) whose weight includes the update."""
+        linear = copy.deepcopy(self.base)
         with torch.no_grad():
-            linear.weight.copy_(self.base.weight + self.scale * self.lora_b @ self.lora_a)
-        return linear
+            linear.weight += self.scale * self.lora_b @ self.lora_a
+        return linear.requires_grad_(True)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] = DEFAULT_TARGETS) -> int:

@@ -4,9 +4,10 @@ Every conversation goes through `lillm.chat.render`, which produces the ids and 
 reads ids[:-1] and predicts ids[1:]; the loss counts a position only where the *target* token is an assistant
 token (mask[1:]), so the model learns to write replies and to end them with <|im_end|>, never to imitate users.
 
-Conversations longer than the context are cut after the last whole user/assistant exchange that fits
-(`overflow="truncate"`) or skipped (`overflow="drop"`); both are counted. Batches are right-padded with
-<|pad|> (mask 0) to the longest sequence in the batch; conversations are not packed together.
+A conversation longer than the context is cut after its last whole assistant turn that still fits
+(`overflow="truncate"`) or skipped (`overflow="drop"`); both are counted. Batches are right-padded with <|pad|>
+(loss mask 0, target -100) to the longest conversation in the batch. Conversations are not packed together:
+with right padding and a causal mask, real tokens never see padding, so no attention mask is needed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +27,36 @@ from lillm.chat import render
 from lillm.tokenizer import PAD_ID
 
 Messages = list[Mapping[str, str]]
+Source = Iterator[tuple[str, Messages]]  # (where it came from, e.g. "chat.jsonl:12", messages)
 
 
 @dataclass
 class SFTDataset:
-    """Rendered conversations (full ids and mask, one entry per conversation) and what happened on the way."""
+    """Rendered conversations (ids and mask, one pair of arrays per conversation) and what happened on the way."""
 
-    ids: list[list[int]] = field(default_factory=list)
-    masks: list[list[int]] = field(default_factory=list)
+    ids: list[np.ndarray] = field(default_factory=list)  # int32 token ids
+    masks: list[np.ndarray] = field(default_factory=list)  # uint8, 1 on assistant tokens
     conversations: int = 0  # read from the source
-    truncated: int = 0
-    dropped: int = 0
+    truncated: int = 0  # kept, cut at a turn boundary
+    dropped: int = 0  # not even the first assistant reply fits the context
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def summary(self) -> str:
         tokens = sum(len(i) for i in self.ids)
-        assistant = sum(sum(m) for m in self.masks)
+        assistant = sum(int(m.sum()) for m in self.masks)
         return (
-            f"{len(self)} conversations ({self.truncated} truncated, {self.dropped} dropped of {self.conversations}), "
-            f"{tokens:,} tokens, {assistant:,} assistant tokens ({assistant / max(1, tokens):.0%})"
+            f"{len(self)} conversations ({self.truncated} truncated, {self.dropped} dropped of {self.conversations} "
+            f"read), {tokens:,} tokens, {assistant:,} assistant tokens ({assistant / max(1, tokens):.0%})"
         )
 
 
-def read_jsonl_conversations(path: str | os.PathLike, messages_field: str = "messages") -> Iterator[Messages]:
+def read_jsonl_conversations(path: str | os.PathLike, messages_field: str = "messages") -> Source:
     """Conversations from a jsonl file, one `{"messages": [{"role", "content"}, ...]}` object per line."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"chat file not found: {path}")
+        raise FileNotFoundError(f"chat file not found: {path}")
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -62,91 +65,101 @@ def read_jsonl_conversations(path: str | os.PathLike, messages_field: str = "mes
                 messages = json.loads(line)[messages_field]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{line_no}: expected a JSON object with a {messages_field!r} list ({e})") from None
-            if not isinstance(messages, list):
-                raise ValueError(f"{path}:{line_no}: {messages_field!r} must be a list, got {type(messages).__name__}")
-            yield messages
+            yield f"{path}:{line_no}", messages
 
 
-def hub_conversations(name: str, split: str, messages_field: str = "messages", config: str | None = None) -> Iterator[Messages]:
-    """Conversations from a Hugging Face chat dataset (e.g. HuggingFaceTB/smoltalk), streamed."""
+def hub_conversations(name: str, split: str, messages_field: str = "messages", config: str | None = None) -> Source:
+    """Conversations from a Hugging Face chat dataset (e.g. HuggingFaceTB/smoltalk), streamed row by row so a
+    large dataset is never held in memory as text."""
     from datasets import load_dataset
 
-    for row in load_dataset(name, config, split=split, streaming=True):
-        yield row[messages_field]
+    for i, row in enumerate(load_dataset(name, config, split=split, streaming=True)):
+        if messages_field not in row:
+            raise ValueError(f"{name}[{split}] row {i}: no {messages_field!r} column (columns: {sorted(row)})")
+        yield f"{name}[{split}] row {i}", row[messages_field]
 
 
 def fit_conversation(
-    tokenizer, messages: Messages, max_tokens: int, system: str | None
+    tokenizer, messages: Messages, max_tokens: int, system: str | None = None
 ) -> tuple[list[int], list[int], bool] | None:
-    """(ids, mask, was_truncated) of the longest prefix of whole turns that ends with an assistant reply and
-    renders to at most max_tokens tokens; None when not even the first exchange fits."""
+    """(ids, mask, was_truncated) of the longest run of leading whole turns that ends with an assistant reply and
+    renders to at most max_tokens tokens; None when not even the first reply fits.
+
+    Rendered length grows with the number of turns kept, so the cut is found by bisection over the assistant
+    turns, re-rendering a handful of prefixes rather than all of them."""
     ids, mask = render(tokenizer, messages, system=system)
-    if len(ids) <= max_tokens:
+    if len(ids) <= max_tokens and messages[-1]["role"] == "assistant":
         return ids, mask, False
-    for end in range(len(messages) - 1, 0, -1):
-        if messages[end - 1]["role"] == "assistant":
-            ids, mask = render(tokenizer, messages[:end], system=system)
-            if len(ids) <= max_tokens:
-                return ids, mask, True
-    return None
+    ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant" and i + 1 < len(messages)]
+    best, lo, hi = None, 0, len(ends) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids, mask = render(tokenizer, messages[: ends[mid]], system=system)
+        if len(ids) <= max_tokens:
+            best, lo = (ids, mask, True), mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def build_sft_dataset(
     tokenizer,
-    conversations: Iterator[Messages],
+    conversations: Source,
     max_seq_len: int,
     overflow: str = "truncate",
     system: str | None = None,
-    where: str = "conversation",
+    limit: int | None = None,
 ) -> SFTDataset:
-    """Render every conversation; a sequence of max_seq_len model inputs needs max_seq_len + 1 tokens."""
+    """Render up to `limit` conversations for a model with a context of max_seq_len tokens (a training sequence
+    is max_seq_len inputs plus one more target, so a conversation may have max_seq_len + 1 tokens).
+    overflow="drop" skips every conversation that would need cutting; "truncate" keeps its leading turns."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     data = SFTDataset()
-    for i, messages in enumerate(conversations, 1):
+    for where, messages in islice(conversations, limit):
         data.conversations += 1
         try:
-            if overflow == "drop":
-                ids, mask = render(tokenizer, messages, system=system)
-                fitted = (ids, mask, False) if len(ids) <= max_seq_len + 1 else None
-            else:
-                fitted = fit_conversation(tokenizer, messages, max_seq_len + 1, system)
+            fitted = fit_conversation(tokenizer, messages, max_seq_len + 1, system)
         except ValueError as e:
-            raise ValueError(f"{where} {i}: {e}") from None
-        if fitted is None:
+            raise ValueError(f"{where}: {e}") from None
+        if fitted is None or (fitted[2] and overflow == "drop"):
             data.dropped += 1
             continue
         ids, mask, truncated = fitted
-        if sum(mask) == 0:
-            raise ValueError(f"{where} {i}: has no assistant reply to learn from")
-        data.ids.append(ids)
-        data.masks.append(mask)
+        data.ids.append(np.asarray(ids, dtype=np.int32))
+        data.masks.append(np.asarray(mask, dtype=np.uint8))
         data.truncated += truncated
     if not data.ids:
-        raise ValueError(f"no usable conversations ({data.conversations} read, {data.dropped} longer than the context)")
+        raise ValueError(
+            f"no usable conversations: {data.conversations} read, {data.dropped} without an assistant reply that "
+            f"fits in {max_seq_len + 1} tokens"
+        )
     return data
 
 
 def collate(
-    ids: Sequence[list[int]], masks: Sequence[list[int]], train_on_inputs: bool = False
+    ids: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_on_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest conversation -> (inputs, targets, loss_mask), each (B, T), T = longest - 1.
-    With train_on_inputs every real (non-padding) target counts, as in plain language modelling."""
+
+    Padding: input <|pad|>, target -100, mask 0. With train_on_inputs every real target counts (system and user
+    tokens and headers too), as in plain language modelling."""
     T = max(len(x) for x in ids) - 1
     inputs = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(ids), T), -100, dtype=torch.long)
     loss_mask = torch.zeros((len(ids), T), dtype=torch.float32)
     for row, (x, m) in enumerate(zip(ids, masks)):
         n = len(x) - 1
-        inputs[row, :n] = torch.tensor(x[:-1])
-        targets[row, :n] = torch.tensor(x[1:])
-        loss_mask[row, :n] = 1.0 if train_on_inputs else torch.tensor(m[1:], dtype=torch.float32)
+        inputs[row, :n] = torch.as_tensor(x[:-1], dtype=torch.long)
+        targets[row, :n] = torch.as_tensor(x[1:], dtype=torch.long)
+        loss_mask[row, :n] = 1.0 if train_on_inputs else torch.as_tensor(m[1:], dtype=torch.float32)
     return inputs, targets, loss_mask
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int, chunk: int, chunks_per_step: int) -> list[int]:
     """Which conversations make micro-batch `chunk` of optimizer step `step`: a walk through a fresh random
-    permutation per epoch, as a pure function of its arguments (so resume and DDP see the same data)."""
+    permutation per epoch, as a pure function of its arguments (so a resumed run and N DDP ranks see exactly the
+    conversations of one uninterrupted process; chunk = rank * grad_accum + micro_step)."""
     first = (step * chunks_per_step + chunk) * batch_size
     return [int(_epoch_order(n, seed, g // n)[g % n]) for g in range(first, first + batch_size)]
 
