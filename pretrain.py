@@ -28,7 +28,7 @@ from lillm.tokenizer import load_tokenizer
 from lillm.train import (
     RunLogger,
     TrainConfig,
-    all_reduce_mean,
+    all_reduce_sum,
     cleanup_distributed,
     fit,
     resolve_dtype,
@@ -42,8 +42,8 @@ from lillm.train import (
 # single GPU in well under an hour. base: ~100M parameters with a 32k vocabulary, for 1-2 GPUs.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
-                 batch_size=16, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=600,
-                 eval_interval=100, ckpt_interval=200),
+                 batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1000,
+                 eval_interval=100, ckpt_interval=250),
     "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=512,
                   batch_size=32, grad_accum=1, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200, max_steps=5000,
                   eval_interval=250, ckpt_interval=1000),
@@ -117,24 +117,26 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, info) -> None:
+    for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     set_seed(args.seed)
-    tokenizer_path = args.tokenizer or args.data_dir / "tokenizer.json"
-    tokenizer = load_tokenizer(tokenizer_path)
-    shards = open_shards(args.data_dir, args.max_seq_len)
-    if file_sha256(tokenizer_path) != shards.meta["tokenizer_sha256"]:
-        raise DataError(f"{tokenizer_path} is not the tokenizer the shards in {args.data_dir} were made with (SHA-256 differs)")
-
+    config = state = None
     if args.resume:
         resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
         config, state = load_config(resume_dir), load_trainer_state(resume_dir)
-    else:
-        config, state = model_config(args, tokenizer.get_vocab_size()), None
+    shards = open_shards(args.data_dir, config.max_seq_len if config else args.max_seq_len)
+    tokenizer_path = args.tokenizer or args.data_dir / "tokenizer.json"
+    tokenizer = load_tokenizer(tokenizer_path)
+    if file_sha256(tokenizer_path) != shards.meta["tokenizer_sha256"]:
+        raise DataError(f"{tokenizer_path} is not the tokenizer the shards in {args.data_dir} were made with (SHA-256 differs)")
+    config = config or model_config(args, tokenizer.get_vocab_size())
     if config.vocab_size < shards.meta["vocab_size"]:
         raise ValueError(f"model vocab_size {config.vocab_size} is smaller than the shards' tokenizer ({shards.meta['vocab_size']})")
     if args.max_tokens:
         args.max_steps = math.ceil(args.max_tokens / (args.batch_size * args.grad_accum * info.world_size * config.max_seq_len))
-    if args.batch_size * args.grad_accum < 1 or args.max_steps < 1:
-        raise ValueError("--batch_size, --grad_accum and --max_steps must be positive")
+    if args.max_steps < 1:
+        raise ValueError(f"--max_steps must be at least 1, got {args.max_steps}")
 
     dtype = resolve_dtype(args.dtype, info.device)
     model = LilLM(config).to(info.device)
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace, info) -> None:
 
         load_model(model, str(resume_dir / "model.safetensors"), strict=False, device=str(info.device))
         start_step, optimizer_state = state["step"], state["optimizer"]
+        if state["data"]["seed"] != args.seed:
+            raise ValueError(f"{args.out_dir} was trained with --seed {state['data']['seed']}; resume with the same seed")
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
@@ -166,12 +170,12 @@ def run(args: argparse.Namespace, info) -> None:
         return x.to(info.device), y.to(info.device)
 
     def evaluate() -> dict[str, float]:
-        losses = []
+        """Mean loss over the same eval_batches validation batches at every evaluation, split over ranks."""
+        total = 0.0
         for i in range(info.rank, args.eval_batches, info.world_size):
             x, y = sample_batch(shards.val, batch_size, seq_len, seed=0, step=i)
-            losses.append(model(x.to(info.device), y.to(info.device))[1].item())
-        mean = sum(losses) / max(1, len(losses))
-        val_loss = all_reduce_mean(mean, info)
+            total += model(x.to(info.device), y.to(info.device))[1].item()
+        val_loss = all_reduce_sum([total], info)[0] / args.eval_batches
         return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / shards.val_bytes_per_token}
 
     started = time.perf_counter()
@@ -187,7 +191,11 @@ def run(args: argparse.Namespace, info) -> None:
             "metrics": metrics,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
-        trainer_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        # The data position is (seed, step): batches are a pure function of them (lillm.data.sample_batch).
+        trainer_state = {
+            "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "data": {"seed": args.seed, "next_step": step},
+        }
         save_checkpoint(args.out_dir, model, tokenizer_path, meta=meta, trainer_state=trainer_state)
 
     cfg = TrainConfig(

@@ -17,9 +17,8 @@ import argparse
 import hashlib
 import itertools
 import json
-import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,20 +61,15 @@ def hub_documents(name: str, config: str | None, split: str, text_field: str) ->
             yield row[text_field]
 
 
-def write_shard(docs: Iterable[str], tokenizer, writer: ShardWriter, batch_docs: int, desc: str) -> int:
-    """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores), EOS after each.
-    Returns the number of UTF-8 bytes of text written, used for bits-per-byte."""
-    n_bytes = 0
-    bar = tqdm(desc=desc, unit=" docs", dynamic_ncols=True)
+def tokenize_into(docs: Iterable[str], tokenizer, pick: Callable[[str], ShardWriter], batch_docs: int, desc: str) -> None:
+    """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores) and append each one, then
+    EOS, to the shard pick(document) chooses."""
     docs = iter(docs)
-    while batch := list(itertools.islice(docs, batch_docs)):
-        for encoding in tokenizer.encode_batch(batch):
-            writer.write([*encoding.ids, EOS_ID])
-        n_bytes += sum(len(d.encode("utf-8")) for d in batch)
-        bar.update(len(batch))
-        bar.set_postfix(tokens=f"{writer.tokens:,}", refresh=False)
-    bar.close()
-    return n_bytes
+    with tqdm(desc=desc, unit=" docs", dynamic_ncols=True) as bar:
+        while batch := list(itertools.islice(docs, batch_docs)):
+            for doc, encoding in zip(batch, tokenizer.encode_batch(batch)):
+                pick(doc).write([*encoding.ids, EOS_ID], text_bytes=len(doc.encode("utf-8")))
+            bar.update(len(batch))
 
 
 def is_val_document(doc: str, val_fraction: float) -> bool:
@@ -99,54 +93,70 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch_docs", type=int, default=1024, help="documents per encode_batch call")
     args = p.parse_args(argv)
 
+    writers: dict[str, ShardWriter] = {}
     try:
         tokenizer = load_tokenizer(args.tokenizer)
+        if not 0 <= args.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+        if args.val_fraction and (args.val_file or args.val_split):
+            raise ValueError("give either --val_fraction or --val_file/--val_split, not both")
         if args.dataset:
+            sources = [args.dataset]
             train_docs = hub_documents(args.dataset, args.dataset_config, args.split, args.text_field)
             val_docs = hub_documents(args.dataset, args.dataset_config, args.val_split, args.text_field) if args.val_split else None
             if args.max_docs:
                 train_docs = itertools.islice(train_docs, args.max_docs)
         else:
             inputs = args.inputs or [default_data_file("pretrain_tinystories_train.txt")]
-            if args.val_file is None and not args.inputs and args.val_fraction == 0:
+            if args.val_file is None and not args.inputs and not args.val_fraction:
                 args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
+            sources = [str(f) for f in inputs]
             train_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in inputs)
             val_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in args.val_file) if args.val_file else None
-        if val_docs is None:
-            if not 0 < args.val_fraction < 1:
-                raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
-            train_docs = list(train_docs)
-            val_docs = [d for d in train_docs if is_val_document(d, args.val_fraction)]
-            train_docs = [d for d in train_docs if not is_val_document(d, args.val_fraction)]
+        if val_docs is None and not args.val_fraction:
+            raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
 
-        vocab_size = tokenizer.get_vocab_size()
-        dtype = shard_dtype(vocab_size)
+        dtype = shard_dtype(tokenizer.get_vocab_size())
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        for name, docs in (("train", train_docs), ("val", val_docs)):
-            writer = ShardWriter(args.out_dir / f"{name}.bin", dtype)
-            n_bytes = write_shard(docs, tokenizer, writer, args.batch_docs, desc=f"{name}.bin")
+        writers = {name: ShardWriter(args.out_dir / f"{name}.bin", dtype) for name in ("train", "val")}
+        if val_docs is None:  # one pass over the (possibly streamed) inputs, each document routed by its hash
+            def route(doc: str) -> ShardWriter:
+                return writers["val" if is_val_document(doc, args.val_fraction) else "train"]
+
+            tokenize_into(train_docs, tokenizer, route, args.batch_docs, desc="train.bin + val.bin")
+        else:
+            tokenize_into(train_docs, tokenizer, lambda _: writers["train"], args.batch_docs, desc="train.bin")
+            tokenize_into(val_docs, tokenizer, lambda _: writers["val"], args.batch_docs, desc="val.bin")
+        for name, writer in writers.items():
             if writer.tokens == 0:
                 raise ValueError(f"the {name} corpus is empty: no non-blank document was found")
-            writer.commit()
-            counts[f"{name}_tokens"], counts[f"{name}_bytes"] = writer.tokens, n_bytes
     except (ValueError, FileNotFoundError) as e:
+        for writer in writers.values():
+            writer.discard()
         print(f"prepare_pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
+    # Both shards are complete: swap them in, then the tokenizer and meta.json (pretrain.py checks the token
+    # counts against meta.json, so a crash between these renames is detected, never silently trained on).
+    for writer in writers.values():
+        writer.commit()
     if args.tokenizer.resolve() != (args.out_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(args.tokenizer, args.out_dir / TOKENIZER_FILE)
+        atomic_write_text(args.out_dir / TOKENIZER_FILE, args.tokenizer.read_text(encoding="utf-8"))
+    train, val = writers["train"], writers["val"]
     meta = {
         "dtype": dtype.name,
-        "vocab_size": vocab_size,
+        "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer_sha256": file_sha256(args.out_dir / TOKENIZER_FILE),
-        "source": args.dataset or [str(f) for f in (args.inputs or ["TinyStories (default)"])],
-        **counts,
+        "source": sources,
+        "train_tokens": train.tokens,
+        "train_bytes": train.text_bytes,
+        "val_tokens": val.tokens,
+        "val_bytes": val.text_bytes,
     }
     atomic_write_text(args.out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     print(
-        f"wrote {args.out_dir}: train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens "
-        f"({dtype.name}, vocab {vocab_size}, {counts['val_bytes'] / counts['val_tokens']:.2f} bytes/token on val)"
+        f"wrote {args.out_dir}: train {train.tokens:,} tokens, val {val.tokens:,} tokens "
+        f"({dtype.name}, vocab {meta['vocab_size']}, {val.text_bytes / val.tokens:.2f} bytes/token on val)"
     )
 
 

@@ -6,8 +6,9 @@ shards holds train.bin, val.bin, meta.json (dtype, counts, tokenizer hash) and t
 made with.
 
 Batches are a pure function of (seed, step, chunk): resuming at step s replays exactly what an uninterrupted run
-would have seen, and a run on N processes sees exactly the sequences of one process with N-times gradient
-accumulation (chunk = rank * grad_accum + micro_step).
+would have seen. Each optimizer step draws one global batch of windows, and a micro-batch is a contiguous slice
+of it (chunk = rank * grad_accum + micro_step), so N processes x A accumulation steps x B sequences see exactly
+the sequences of one process with N*A accumulation steps of B, or of one big batch of N*A*B.
 """
 
 from __future__ import annotations
@@ -44,23 +45,30 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 class ShardWriter:
     """Appends token arrays to DIR/NAME.bin.tmp; `commit` renames it into place, so a crash never leaves a
-    half-written shard under the real name."""
+    half-written shard under the real name. Counts tokens and the UTF-8 bytes of text they encode (for
+    bits-per-byte)."""
 
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype = path, dtype
         self.tmp = path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")
-        self.tokens = 0
+        self.tokens = self.text_bytes = 0
 
-    def write(self, ids: list[int]) -> None:
+    def write(self, ids: list[int], text_bytes: int = 0) -> None:
         np.asarray(ids, dtype=self.dtype).tofile(self.file)
         self.tokens += len(ids)
+        self.text_bytes += text_bytes
 
     def commit(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Drop the temporary file (after an error); a no-op once committed."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -111,11 +119,14 @@ def open_shards(data_dir: str | os.PathLike, seq_len: int) -> ShardSet:
 def sample_batch(
     shard: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, chunk: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows of seq_len + 1 tokens -> (inputs, targets), each (batch_size, seq_len), int64.
+    """Micro-batch `chunk` of step `step`'s global batch: random windows of seq_len + 1 tokens -> (inputs,
+    targets), each (batch_size, seq_len), int64.
 
-    The window starts depend only on (seed, step, chunk), never on earlier calls."""
-    rng = np.random.default_rng([seed, step, chunk])
-    starts = rng.integers(0, len(shard) - seq_len, size=batch_size)
+    The global batch's window starts come from a generator seeded with (seed, step) only, never from earlier
+    calls; chunk c takes starts c*batch_size .. (c+1)*batch_size - 1. numpy draws bounded integers one after
+    another, so the first k starts are the same whatever the total drawn (tests/test_data.py checks it)."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(shard) - seq_len, size=(chunk + 1) * batch_size)[chunk * batch_size :]
     windows = np.stack([shard[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     batch = torch.from_numpy(windows)
     return batch[:, :-1], batch[:, 1:]

@@ -73,14 +73,23 @@ def shards_dir(data_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="session")
 def base_checkpoint(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real pretrain.py run: a small LilLM trained for 150 steps on the TinyStories slice (~10 s)."""
+    """A real pretrain.py run: a small LilLM trained for 150 steps on the TinyStories slice (~10 s).
+
+    One thread: this small a model gains little from two, and on a busy machine two threads per process thrash."""
+    import torch
+
     import pretrain
 
     out = tmp_path_factory.mktemp("base") / "base"
-    pretrain.main([
-        "--data_dir", str(shards_dir), "--out_dir", str(out), "--log_dir", str(out.parent / "runs"),
-        "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128",
-        "--batch_size", "16", "--max_steps", "150", "--warmup_steps", "20", "--lr", "3e-3",
-        "--eval_interval", "150", "--eval_batches", "4", "--ckpt_interval", "150", "--device", "cpu",
-    ])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain.main([
+            "--data_dir", str(shards_dir), "--out_dir", str(out), "--log_dir", str(out.parent / "runs"),
+            "--dim", "64", "--n_layers", "2", "--n_heads", "4", "--n_kv_heads", "2", "--max_seq_len", "128",
+            "--batch_size", "16", "--max_steps", "150", "--warmup_steps", "20", "--lr", "3e-3",
+            "--eval_interval", "150", "--eval_batches", "4", "--ckpt_interval", "150", "--device", "cpu",
+        ])
+    finally:
+        torch.set_num_threads(threads)
     return out

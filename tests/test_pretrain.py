@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import pretrain
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "2", "--n_kv_heads", "1", "--max_seq_len", "32",
         "--warmup_steps", "5", "--eval_batches", "2", "--log_interval", "1", "--device", "cpu", "--dtype", "fp32"]
@@ -74,57 +76,54 @@ def test_kill_then_resume_is_bit_exact(shards_dir, tmp_path):
         assert np.array_equal(full[name], resumed[name]), f"{name} differs after resume (killed at step {killed_at})"
 
 
-@pytest.mark.parametrize(
-    "break_it, message",
-    [
-        (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]), "not a multiple"),
-        (lambda d: (d / "val.bin").unlink(), "shard not found"),
-        (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), "vocab_size": 70000})), "does not fit the shard dtype"),
-        (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad|>" ', 1)), "SHA-256 differs"),
-    ],
-    ids=["corrupt-shard", "missing-val", "vocab-too-large-for-dtype", "other-tokenizer"],
-)
-def test_bad_shards_fail_clearly(shards_dir, tmp_path, break_it, message):
+def pretrain_fails(capsys, *argv) -> str:
+    """pretrain.main in-process (the same code path as the CLI): exit code 2 and a one-line error. Returns it."""
+    import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("pretrain.py: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_error_is_one_line_with_exit_code_2(shards_dir, tmp_path):
     data = tmp_path / "shards"
     shutil.copytree(shards_dir, data)
-    break_it(data)
-    result = run_script(["pretrain.py", "--data_dir", str(data), *TINY, "--max_steps", "2", "--out_dir", str(tmp_path / "o")], check=False)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:-1])
+    result = run_script(["pretrain.py", "--data_dir", str(data), *TINY, "--out_dir", str(tmp_path / "o")], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == f"pretrain.py: error: corrupt shard {data / 'train.bin'}: {(data / 'train.bin').stat().st_size} bytes is not a multiple of the uint16 item size\n"
     assert not (tmp_path / "o").exists()
 
 
-def test_model_vocab_smaller_than_tokenizer_fails(shards_dir, tmp_path):
-    result = run_script(["pretrain.py", "--data_dir", str(shards_dir), *TINY, "--vocab_size", "500", "--out_dir", str(tmp_path / "o")], check=False)
-    assert result.returncode == 2 and "smaller than the tokenizer's vocabulary (1024 tokens)" in result.stderr
-
-
-def test_empty_corpus_fails_and_keeps_old_shards(shards_dir, tokenizer_path, tmp_path):
+@pytest.mark.parametrize(
+    "break_it, extra, message",
+    [
+        (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-1]), [], "is not a multiple of the uint16 item size"),
+        (lambda d: (d / "val.bin").unlink(), [], "shard not found"),
+        (lambda d: shutil.rmtree(d), [], "meta.json not found (run data/prepare_pretrain.py"),
+        (lambda d: (d / "meta.json").write_text(json.dumps({**json.loads((d / "meta.json").read_text()), "vocab_size": 70000})),
+         [], "vocab_size 70000 does not fit the shard dtype uint16"),
+        (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad|>" ', 1)),
+         [], "is not the tokenizer the shards"),
+        (lambda d: None, ["--tokenizer", "missing.json"], "tokenizer file not found: missing.json"),
+        (lambda d: None, ["--vocab_size", "500"], "--vocab_size 500 is smaller than the tokenizer's vocabulary (1024 tokens)"),
+        (lambda d: None, ["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (lambda d: None, ["--resume"], "checkpoint folder not found"),
+    ],
+    ids=["corrupt-shard", "missing-val", "missing-dir", "vocab-too-large-for-dtype", "other-tokenizer", "missing-tokenizer",
+         "model-vocab-too-small", "zero-batch", "resume-without-checkpoint"],
+)
+def test_bad_input_fails_clearly(shards_dir, tmp_path, capsys, break_it, extra, message):
     data = tmp_path / "shards"
     shutil.copytree(shards_dir, data)
-    before = (data / "train.bin").read_bytes()
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n   \n\n")
-    result = run_script(["data/prepare_pretrain.py", str(empty), "--val_file", str(empty), "--tokenizer", str(tokenizer_path), "--out_dir", str(data)], check=False)
-    assert result.returncode == 2 and "the train corpus is empty" in result.stderr
-    assert (data / "train.bin").read_bytes() == before  # nothing already written was lost
+    break_it(data)
+    err = pretrain_fails(capsys, "--data_dir", data, *TINY, "--max_steps", 2, "--out_dir", tmp_path / "o", *extra)
+    assert message in err
+    assert not (tmp_path / "o").exists()
 
 
-def test_prepare_reports_bad_jsonl_line(tokenizer_path, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
-    result = run_script(["data/prepare_pretrain.py", str(bad), "--val_fraction", "0.5", "--tokenizer", str(tokenizer_path), "--out_dir", str(tmp_path / "o")], check=False)
-    assert result.returncode == 2 and f"{bad}:2:" in result.stderr
-
-
-def test_shards_hold_every_document_then_eos(shards_dir, tokenizer_path, data_dir):
-    from lillm.tokenizer import EOS_ID, load_tokenizer
-
-    meta = json.loads((shards_dir / "meta.json").read_text())
-    val = np.fromfile(shards_dir / "val.bin", dtype=meta["dtype"])
-    assert meta["dtype"] == "uint16" and len(val) == meta["val_tokens"]
-    tokenizer = load_tokenizer(tokenizer_path)
-    docs = tokenizer.decode(val.tolist(), skip_special_tokens=False).split("<|endoftext|>")
-    source = (data_dir / "pretrain_tinystories_val.txt").read_text(encoding="utf-8")[:100_000]
-    expected = source[: source.rfind("\n\n")].split("\n\n")
-    assert docs[:-1] == expected and docs[-1] == "" and val[-1] == EOS_ID
+def test_resume_with_another_seed_fails(shards_dir, base_checkpoint, capsys):
+    err = pretrain_fails(capsys, "--data_dir", shards_dir, "--out_dir", base_checkpoint, "--resume", "--seed", 7, "--max_steps", 300)
+    assert "was trained with --seed 1337; resume with the same seed" in err

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lillm.data import sample_batch, shard_dtype
 from lillm.model import LilLM, ModelConfig
 from lillm.train import RunLogger, lr_at, make_optimizer, resolve_device, resolve_dtype, restore_rng_state, rng_state
 
@@ -48,16 +47,6 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
-
-
-def test_batches_are_a_function_of_seed_step_and_chunk():
-    shard = np.arange(10_000, dtype=np.uint16)
-    x1, y1 = sample_batch(shard, 4, 16, seed=1, step=7, chunk=1)
-    x2, _ = sample_batch(shard, 4, 16, seed=1, step=7, chunk=1)
-    x3, _ = sample_batch(shard, 4, 16, seed=1, step=7, chunk=0)
-    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
-    assert torch.equal(y1[:, :-1], x1[:, 1:]) and x1.dtype == torch.int64
-    assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32
 
 
 def test_logger_writes_csv_and_plot(tmp_path):
