@@ -127,3 +127,22 @@ def test_bad_input_fails_clearly(shards_dir, tmp_path, capsys, break_it, extra, 
 def test_resume_with_another_seed_fails(shards_dir, base_checkpoint, capsys):
     err = pretrain_fails(capsys, "--data_dir", shards_dir, "--out_dir", base_checkpoint, "--resume", "--seed", 7, "--max_steps", 300)
     assert "was trained with --seed 1337; resume with the same seed" in err
+
+
+def test_token_budget_sets_steps_and_run_writes_checkpoint_csv_and_plot(shards_dir, tmp_path):
+    from lillm.checkpoint import load_checkpoint, load_trainer_state
+
+    # 3 steps of 4 x 32 tokens = 384 tokens: a budget of 300 rounds up to 3 steps
+    pretrain.main(["--data_dir", str(shards_dir), *TINY, "--batch_size", "4", "--max_tokens", "300",
+                   "--eval_interval", "2", "--out_dir", str(tmp_path / "ckpt"), "--log_dir", str(tmp_path / "runs")])
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.meta["step"] == 3 and ckpt.meta["tokens_seen"] == 384 and ckpt.config.dim == 32
+    assert load_trainer_state(tmp_path / "ckpt")["data"] == {"seed": 1337, "next_step": 3}
+    shard_meta = json.loads((shards_dir / "meta.json").read_text())
+    metrics = ckpt.meta["metrics"]
+    bpb = metrics["val_loss"] / np.log(2) * shard_meta["val_tokens"] / shard_meta["val_bytes"]
+    assert metrics["val_bpb"] == pytest.approx(bpb, rel=1e-12)
+    with open(tmp_path / "runs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["val_loss"]] == [2, 3] and len(train_losses(tmp_path / "runs")) == 3
+    assert (tmp_path / "runs" / "loss.png").read_bytes()[:4] == b"\x89PNG"
