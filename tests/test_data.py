@@ -139,3 +139,19 @@ def test_prepare_rejects_bad_input(tokenizer_path, tmp_path, capsys, content, ar
     last_line = err.rstrip("\n").split("\n")[-1]  # earlier output is the progress bar
     assert last_line.startswith("prepare_pretrain.py: error: ") and message in last_line and "Traceback" not in err
     assert not list((tmp_path / "o").glob("*.bin*"))  # no shard and no temporary file left behind
+
+
+def test_streams_a_dataset_with_max_docs(tokenizer_path, tmp_path):
+    """--dataset goes through `datasets` streaming (a local folder here: the tests run offline)."""
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    docs = [f"Once upon a time there was a dog number {i}." for i in range(100)]
+    (folder / "train.jsonl").write_text("".join(json.dumps({"story": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    out = tmp_path / "out"
+    load_prepare().main(["--dataset", str(folder), "--text_field", "story", "--max_docs", "40", "--val_fraction", "0.25",
+                         "--tokenizer", str(tokenizer_path), "--out_dir", str(out)])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == [str(folder)]
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(len(d) for d in docs[:40])
+    ids = np.concatenate([np.fromfile(out / f"{name}.bin", dtype=np.uint16) for name in ("train", "val")])
+    assert (ids == EOS_ID).sum() == 40
