@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lillm.chat import render
+from lillm.chat import DEFAULT_SYSTEM_PROMPT, render
+from lillm.checkpoint import Checkpoint, load_checkpoint
 from lillm.model import KVCache, LilLM
 from lillm.tokenizer import BYTE_OFFSET, EOS_ID, IM_END_ID, PAD_ID, _BYTE_TO_CHAR, BPETokenizer
 
@@ -286,3 +287,20 @@ def chat_reply(
     """The assistant's reply to a conversation, streamed as text increments."""
     prompt = chat_prompt_ids(model, tokenizer, messages, cfg, system)
     return stream_text(tokenizer, generate_ids(model, prompt, cfg, stats=stats))
+
+
+def load_for_inference(checkpoint_dir, device: str = "auto", dtype: str = "auto") -> Checkpoint:
+    """A checkpoint ready to generate: on `device` ("auto": cuda > mps > cpu), weights cast to `dtype` ("auto":
+    bf16 on GPUs that support it, else fp32). The KV cache takes the weights' dtype."""
+    from lillm.train import resolve_device, resolve_dtype
+
+    torch_device = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint_dir, torch_device)
+    ckpt.model.to(resolve_dtype(dtype, torch_device))
+    return ckpt
+
+
+def checkpoint_system_prompt(meta: dict) -> str | None:
+    """The system message to chat with: the one the checkpoint was fine-tuned with (meta.json "system_prompt",
+    None if it was trained without one), else DEFAULT_SYSTEM_PROMPT. Chatting like training works best."""
+    return meta.get("system_prompt", DEFAULT_SYSTEM_PROMPT)
