@@ -102,20 +102,22 @@ def build_demo(
     max_tokens = ckpt.config.max_seq_len // 2  # chat_prompt_ids keeps at most half the context for the reply
     with gr.Blocks(title="lillm chat", analytics_enabled=False) as demo:
         gr.Markdown(header(ckpt, checkpoint_dir))
-        speed_line = gr.Markdown("", elem_id="speed")
-        gr.ChatInterface(
-            respond,
-            api_name="chat",
-            chatbot=gr.Chatbot(label="lillm", height=420),
-            textbox=gr.Textbox(placeholder="Message (Enter to send)", submit_btn=True, stop_btn=True),
-            additional_inputs=[
-                gr.Textbox(value=checkpoint_system_prompt(ckpt.meta) or "", label="System message"),
+        with gr.Sidebar(position="right", width=300):  # rendered here, so ChatInterface adds no accordion
+            gr.Markdown("**Sampling and system message**")
+            speed_line = gr.Markdown("", elem_id="speed")
+            settings = [
+                gr.Textbox(value=checkpoint_system_prompt(ckpt.meta) or "", label="System message", lines=2),
                 gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"),
                 gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)"),
                 gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p (1 = off)"),
                 gr.Slider(1, max_tokens, value=min(defaults.max_new_tokens, max_tokens), step=1, label="Max new tokens"),
-            ],
-            additional_inputs_accordion=gr.Accordion("Sampling and system message", open=False),
+            ]
+        gr.ChatInterface(
+            respond,
+            api_name="chat",
+            chatbot=gr.Chatbot(label="lillm", height=460),
+            textbox=gr.Textbox(placeholder="Message (Enter to send)", elem_id="message", submit_btn=True, stop_btn=True),
+            additional_inputs=settings,
             additional_outputs=[speed_line],
             analytics_enabled=False,
         )
