@@ -2,32 +2,43 @@
 
     python sft_train.py --init checkpoints/base                         # chat_{train,val}.jsonl from ../shared/data
     python sft_train.py --init checkpoints/base --lora_rank 8           # LoRA adapters, merged into the saved weights
-    torchrun --standalone --nproc_per_node=2 sft_train.py --init checkpoints/base --dataset HuggingFaceTB/smoltalk \\
-        --dataset_config all --val_split test
+    python sft_train.py --init checkpoints/base --resume                # continue an interrupted run exactly
+    torchrun --standalone --nproc_per_node=2 sft_train.py --init checkpoints/base \\
+        --dataset HuggingFaceTB/smoltalk --dataset_config all --val_split test
 
-Writes a self-contained checkpoint folder (--out_dir) with meta.json "stage": "sft", the held-out assistant loss
-and the rate of sampled replies that end with <|im_end|>.
+Writes a self-contained checkpoint folder (--out_dir): a plain LilLM (LoRA merged), its tokenizer, and meta.json
+with "stage": "sft", the chat template version, the system prompt, the training arguments and a "summary" with
+the held-out assistant loss before and after and the rate of sampled replies that end with <|im_end|>.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from lillm.chat import CHAT_TEMPLATE_VERSION, DEFAULT_SYSTEM_PROMPT
+from lillm.chat import CHAT_TEMPLATE_VERSION, DEFAULT_SYSTEM_PROMPT, render
 from lillm.checkpoint import load_checkpoint, load_trainer_state, resolve, save_checkpoint
-from lillm.lora import apply_lora, lora_state_dict, merge_lora
+from lillm.flops import flops_per_token, peak_flops
+from lillm.generate import SamplingConfig, generate_batch
+from lillm.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
+from lillm.model import LilLM
 from lillm.paths import default_data_file
-from lillm.sft_data import SFTDataset, batch_indices, build_sft_dataset, collate, hub_conversations, read_jsonl_conversations
-from lillm.tokenizer import atomic_write_text
+from lillm.sft_data import (
+    SFTDataset,
+    Source,
+    batch_indices,
+    build_sft_dataset,
+    collate,
+    hub_conversations,
+    read_jsonl_conversations,
+)
+from lillm.tokenizer import IM_END_ID, atomic_write_text
 from lillm.train import (
     RunLogger,
     TrainConfig,
@@ -45,67 +56,80 @@ from lillm.train import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="pretrained checkpoint folder (from pretrain.py)")
-    p.add_argument("--train_file", type=Path, help="chat jsonl (default: ../shared/data/chat_train.jsonl)")
-    p.add_argument("--val_file", type=Path, help="held-out chat jsonl (default: ../shared/data/chat_val.jsonl)")
-    p.add_argument("--dataset", help="Hugging Face chat dataset instead of files (e.g. HuggingFaceTB/smoltalk)")
-    p.add_argument("--dataset_config", help="its configuration (e.g. all)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--val_split", default="test")
-    p.add_argument("--max_conversations", type=int, help="use at most this many training conversations")
-    p.add_argument("--messages_field", default="messages")
-    p.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system message for conversations without one ('' for none)")
-    p.add_argument("--overflow", choices=["truncate", "drop"], default="truncate", help="what to do with conversations longer than the context")
-    p.add_argument("--train_on_inputs", action="store_true", help="also train on system/user tokens (for comparison)")
-    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/sft"))
+    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/sft"), help="checkpoint folder to write")
     p.add_argument("--log_dir", type=Path, help="metrics folder (default: runs/<out_dir name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
-    p.add_argument("--batch_size", type=int, default=16, help="conversations per micro-batch per process")
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min_lr", type=float, default=1e-4)
-    p.add_argument("--warmup_steps", type=int, default=30)
-    p.add_argument("--max_steps", type=int, default=300)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--grad_clip", type=float, default=1.0)
-    p.add_argument("--eval_interval", type=int, default=100)
-    p.add_argument("--max_eval_conversations", type=int, default=200, help="held-out conversations in each eval")
-    p.add_argument("--ckpt_interval", type=int, default=100)
-    p.add_argument("--log_interval", type=int, default=10)
-    p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA adapters of this rank instead of all weights")
-    p.add_argument("--lora_alpha", type=float, default=16.0)
-    p.add_argument("--eval_samples", type=int, default=20, help="held-out prompts to sample replies for at the end")
-    p.add_argument("--sample_max_tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (same --init and data)")
+    data = p.add_argument_group("data")
+    data.add_argument("--train_file", type=Path, help="chat jsonl (default: ../shared/data/chat_train.jsonl)")
+    data.add_argument("--val_file", type=Path, help="held-out chat jsonl (default: ../shared/data/chat_val.jsonl)")
+    data.add_argument("--dataset", help="a Hugging Face chat dataset instead of files (e.g. HuggingFaceTB/smoltalk)")
+    data.add_argument("--dataset_config", help="its configuration (e.g. all)")
+    data.add_argument("--split", default="train", help="--dataset split to train on")
+    data.add_argument("--val_split", default="test", help="--dataset split to evaluate on")
+    data.add_argument("--messages_field", default="messages", help="the field holding the list of messages")
+    data.add_argument("--max_conversations", type=int, help="train on at most this many conversations")
+    data.add_argument("--val_conversations", type=int, default=400, help="held-out conversations in each eval")
+    data.add_argument("--max_seq_len", type=int, help="context for training (default and maximum: the model's)")
+    data.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
+                      help="conversations longer than the context: keep the leading turns that fit, or skip them")
+    data.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT,
+                      help="system message for conversations without one ('' for none); saved in meta.json")
+    data.add_argument("--train_on_inputs", action="store_true", help="loss on every token, not only the assistant's")
+    train = p.add_argument_group("training")
+    train.add_argument("--batch_size", type=int, default=16, help="conversations per micro-batch per process")
+    train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step per process")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    train.add_argument("--min_lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
+    train.add_argument("--warmup_steps", type=int, default=30)
+    train.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    train.add_argument("--weight_decay", type=float, default=0.0)
+    train.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    train.add_argument("--eval_interval", type=int, default=100)
+    train.add_argument("--ckpt_interval", type=int, default=100)
+    train.add_argument("--log_interval", type=int, default=10)
+    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
+    train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=0, help="> 0: train rank-r adapters instead of all weights")
+    lora.add_argument("--lora_alpha", type=float, help="adapter scale numerator (default: 2 * rank)")
+    lora.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS), help="comma-separated Linear names")
+    sample = p.add_argument_group("end-of-run check")
+    sample.add_argument("--eval_samples", type=int, default=20, help="held-out prompts to answer greedily (0: skip)")
+    sample.add_argument("--sample_max_tokens", type=int, help="reply length budget (default: half the context, at most 128)")
     return p.parse_args(argv)
 
 
-def conversations(args: argparse.Namespace, split: str, limit: int | None) -> tuple[Iterator, str]:
-    """(conversations, where they come from) for split "train" or "val": --dataset, the files, or the defaults."""
+def check_args(args: argparse.Namespace) -> None:
+    positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "ckpt_interval", "log_interval", "val_conversations")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("lora_rank", "eval_samples"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.sample_max_tokens is not None and args.sample_max_tokens < 1:
+        raise ValueError(f"--sample_max_tokens must be positive, got {args.sample_max_tokens}")
+
+
+def conversations(args: argparse.Namespace, split: str) -> Source:
+    """The train or val conversations: --dataset, the given files, or the shared chat data."""
     if args.dataset:
-        hub_split = args.split if split == "train" else args.val_split
-        convs = hub_conversations(args.dataset, hub_split, args.messages_field, args.dataset_config)
-        where = f"{args.dataset}:{hub_split}"
-    else:
-        path = (args.train_file if split == "train" else args.val_file) or default_data_file(f"chat_{split}.jsonl")
-        convs, where = read_jsonl_conversations(path, args.messages_field), str(path)
-    return (itertools.islice(convs, limit) if limit else convs), where
+        return hub_conversations(args.dataset, args.split if split == "train" else args.val_split,
+                                 args.messages_field, args.dataset_config)
+    path = args.train_file if split == "train" else args.val_file
+    return read_jsonl_conversations(path or default_data_file(f"chat_{split}.jsonl"), args.messages_field)
 
 
-def load_split(args, tokenizer, split: str, limit: int | None, max_seq_len: int) -> SFTDataset:
-    convs, where = conversations(args, split, limit)
-    return build_sft_dataset(tokenizer, convs, max_seq_len, args.overflow, args.system or None, where=f"{where}: conversation")
-
-
-def assistant_loss(model, data: SFTDataset, info, batch_size: int) -> float:
-    """Mean cross-entropy over every assistant token of the held-out set (token-weighted, all ranks)."""
+def assistant_loss(model: LilLM, data: SFTDataset, info, batch_size: int) -> float:
+    """Mean cross-entropy over every assistant token of the held-out set, token-weighted over all ranks.
+    Conversations are batched by length, so little compute goes to padding."""
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))[info.rank :: info.world_size]
     total, count = 0.0, 0.0
-    for start in range(info.rank * batch_size, len(data), batch_size * info.world_size):
-        x, y, mask = collate(data.ids[start : start + batch_size], data.masks[start : start + batch_size])
-        x, y, mask = x.to(info.device), y.to(info.device), mask.to(info.device)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        x, y, mask = (t.to(info.device) for t in collate([data.ids[i] for i in rows], [data.masks[i] for i in rows]))
         n = mask.sum().item()
         total += model(x, y, loss_mask=mask)[1].item() * n
         count += n
@@ -113,20 +137,46 @@ def assistant_loss(model, data: SFTDataset, info, batch_size: int) -> float:
     return total / count
 
 
-def im_end_rate(model, tokenizer, val_convs: list, max_tokens: int, system: str | None) -> float:
-    """Fraction of greedy replies to held-out first user turns that end with <|im_end|> within max_tokens."""
-    from lillm.chat import render
-    from lillm.generate import SamplingConfig, generate_ids
-    from lillm.tokenizer import IM_END_ID
+Prompt = tuple[str, list[int]]  # (the user's text, the rendered prompt ids)
 
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_tokens, stop_ids=(IM_END_ID,))
-    ended = 0
-    for messages in val_convs:
-        prompt, _ = render(tokenizer, messages[:1], add_generation_prompt=True, system=system)
-        room = model.config.max_seq_len - len(prompt)
-        reply = list(generate_ids(model, prompt, cfg))
-        ended += len(reply) < min(max_tokens, room)
-    return ended / len(val_convs)
+
+def held_out_prompts(
+    tokenizer, source: Source, n: int, max_new_tokens: int, max_seq_len: int, system: str | None
+) -> list[Prompt]:
+    """The first n held-out first user turns, rendered with the generation prompt, that leave max_new_tokens of
+    room in the context: (user text, prompt ids)."""
+    prompts = []
+    for _, messages in source:
+        if len(prompts) == n:
+            break
+        prompt = render(tokenizer, messages[:1], add_generation_prompt=True, system=system)[0]
+        if len(prompt) + max_new_tokens <= max_seq_len:
+            prompts.append((messages[0]["content"], prompt))
+    if not prompts:
+        raise ValueError(
+            f"no held-out prompt leaves room for a {max_new_tokens}-token reply in {max_seq_len} tokens; "
+            "lower --sample_max_tokens"
+        )
+    return prompts
+
+
+def im_end_rate(model: LilLM, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> tuple[float, list[dict]]:
+    """Fraction of greedy replies that end with <|im_end|> within max_new_tokens, and every reply."""
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(IM_END_ID,))
+    replies = generate_batch(model, [prompt for _, prompt in prompts], cfg)  # stop ids are cut off the replies,
+    ended = [len(reply) < max_new_tokens for reply in replies]  # so a reply that stopped is shorter than the budget
+    examples = [{"user": user, "reply": tokenizer.decode(r), "ended": e} for (user, _), r, e in zip(prompts, replies, ended)]
+    return sum(ended) / len(ended), examples
+
+
+def trained_tokens(train: SFTDataset, args: argparse.Namespace, chunks: int, start_step: int) -> int:
+    """Real (non-padding) input tokens of the steps this run made, over all ranks."""
+    return sum(
+        len(train.ids[i]) - 1
+        for step in range(start_step, args.max_steps)
+        for chunk in range(chunks)
+        for i in batch_indices(len(train), args.batch_size, args.seed, step, chunk, chunks)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     info = setup_distributed(args.device)
     try:
         run(args, info)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"sft_train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -142,36 +192,55 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, info) -> None:
+    check_args(args)
     set_seed(args.seed)
     base = load_checkpoint(args.init, device=info.device)
     model, tokenizer, config = base.model, base.tokenizer, base.config
     tokenizer_path = base.directory / "tokenizer.json"
-    train = load_split(args, tokenizer, "train", args.max_conversations, config.max_seq_len)
-    val = load_split(args, tokenizer, "val", args.max_eval_conversations, config.max_seq_len)
+    seq_len = args.max_seq_len or config.max_seq_len
+    if not 1 < seq_len <= config.max_seq_len:
+        raise ValueError(f"--max_seq_len {seq_len} must be in 2..{config.max_seq_len} (the context of {args.init})")
+    system = args.system or None
+    reply_budget = args.sample_max_tokens or min(128, seq_len // 2)
+    prompts = []  # chosen first, so a bad --sample_max_tokens fails before any work
+    if args.eval_samples and info.is_main:
+        prompts = held_out_prompts(tokenizer, conversations(args, "val"), args.eval_samples, reply_budget, seq_len, system)
+    train = build_sft_dataset(tokenizer, conversations(args, "train"), seq_len, args.overflow, system, args.max_conversations)
+    val = build_sft_dataset(tokenizer, conversations(args, "val"), seq_len, args.overflow, system, args.val_conversations)
     if info.is_main:
         print(f"train: {train.summary()}\nval:   {val.summary()}")
 
-    if args.lora_rank > 0:
-        trainable = apply_lora(model, args.lora_rank, args.lora_alpha)
+    with torch.no_grad():
+        before = assistant_loss(model, val, info, args.batch_size)  # the --init model, also when resuming
+    if info.is_main:
+        print(f"held-out assistant loss before SFT: {before:.4f} ({int(sum(m.sum() for m in val.masks)):,} tokens)")
+
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        trainable = apply_lora(model, args.lora_rank, args.lora_alpha or 2.0 * args.lora_rank, targets)
         if info.is_main:
             print(f"LoRA rank {args.lora_rank}: {trainable:,} trainable parameters of {model.num_parameters():,}")
     model.gradient_checkpointing = args.grad_checkpointing
 
     start_step, optimizer_state = 0, None
     if args.resume:
-        state = load_trainer_state(resolve(args.out_dir))
-        start_step, optimizer_state = state["step"], state["optimizer"]
-        if args.lora_rank > 0:
-            model.load_state_dict(state["lora"], strict=False)
+        resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
+        state = load_trainer_state(resume_dir)
+        if state.get("train_conversations") != len(train) or ("lora" in state) != bool(args.lora_rank):
+            raise ValueError(f"{args.out_dir} was made with other data or LoRA settings; resume with the same flags")
+        if args.lora_rank:
+            model.load_state_dict(state["lora"], strict=False)  # the adapters; the frozen base comes from --init
         else:
-            model.load_state_dict(load_checkpoint(args.out_dir, device=info.device).model.state_dict())
+            model.load_state_dict(load_checkpoint(resume_dir, device=info.device).model.state_dict())
+        start_step, optimizer_state = state["step"], state["optimizer"]
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
 
     dtype = resolve_dtype(args.dtype, info.device)
-    train_model = torch.compile(model) if args.compile else model
     chunks = info.world_size * args.grad_accum
+    mean_len = sum(len(i) - 1 for i in train.ids) / len(train)
+    tokens_per_step = round(mean_len * args.batch_size * chunks)  # expected real tokens; batches vary
     logger = RunLogger(args.log_dir or Path("runs") / args.out_dir.name, enabled=info.is_main, resume=args.resume)
 
     def get_batch(step: int, micro: int):
@@ -185,47 +254,57 @@ def run(args: argparse.Namespace, info) -> None:
     def save(step: int, optimizer, metrics: dict) -> None:
         if not info.is_main:
             return
-        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank > 0 else model
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}
-        if args.lora_rank > 0:
+        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "train_conversations": len(train)}
+        if args.lora_rank:
             state["lora"] = lora_state_dict(model)
         meta = {
             "stage": "sft",
             "chat_template_version": CHAT_TEMPLATE_VERSION,
-            "system_prompt": args.system,
+            "system_prompt": system,
             "init": str(args.init),
             "step": step,
             "metrics": metrics,
+            "data": {"train": train.summary(), "val": val.summary()},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
         save_checkpoint(args.out_dir, plain, tokenizer_path, meta=meta, trainer_state=state)
 
+    if not args.resume:
+        logger.log(0, val_loss=before)
     started = time.perf_counter()
-    with torch.no_grad():
-        model.eval()
-        initial = assistant_loss(model, val, info, args.batch_size)
-    if info.is_main:
-        print(f"held-out assistant loss before SFT: {initial:.4f}")
     cfg = TrainConfig(
         max_steps=args.max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
     )
-    metrics = fit(train_model, info, cfg, get_batch, evaluate, save, logger, dtype,
-                  start_step=start_step, optimizer_state=optimizer_state)
-    logger.close(title=f"SFT {args.out_dir.name} (assistant tokens only)" if not args.train_on_inputs else "SFT (all tokens)")
+    metrics = fit(
+        model, info, cfg, get_batch, evaluate, save, logger, dtype, start_step=start_step,
+        optimizer_state=optimizer_state, tokens_per_step=tokens_per_step,
+        flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device),
+    )
+    train_seconds = time.perf_counter() - started  # evals and saves included
+    plot = logger.close(title=f"SFT {args.out_dir.name}: " + ("all tokens" if args.train_on_inputs else "assistant tokens"))
     if not info.is_main:
         return
-    summary = {"val_loss_before": initial, "val_loss": metrics["val_loss"], "seconds": time.perf_counter() - started}
-    final = load_checkpoint(args.out_dir, device=info.device)  # what was saved: LoRA merged
-    if args.eval_samples > 0:
-        val_convs = list(conversations(args, "val", args.eval_samples)[0])
-        summary["im_end_rate"] = im_end_rate(final.model, tokenizer, val_convs, args.sample_max_tokens, args.system or None)
+
+    final = load_checkpoint(args.out_dir, device=info.device)  # check what was saved (LoRA merged), not the live model
+    summary = {
+        "val_loss_before": before,
+        "val_loss": metrics["val_loss"],
+        "val_assistant_tokens": int(sum(m.sum() for m in val.masks)),
+        "train_seconds": train_seconds,
+        "tokens_per_s": trained_tokens(train, args, chunks, start_step) / train_seconds,
+    }
+    if prompts:
+        rate, examples = im_end_rate(final.model, tokenizer, prompts, reply_budget)
+        summary.update(im_end_rate=rate, im_end_samples=len(examples), sample_max_tokens=reply_budget, examples=examples[:5])
     atomic_write_text(final.directory / "meta.json", json.dumps({**final.meta, "summary": summary}, indent=2) + "\n")
     print(
-        f"done in {summary['seconds']:.0f} s: held-out assistant loss {initial:.4f} -> {metrics['val_loss']:.4f}"
-        + (f", replies ending with <|im_end|>: {summary['im_end_rate']:.0%}" if "im_end_rate" in summary else "")
-        + f" -> {args.out_dir}"
+        f"done in {train_seconds:.0f} s ({summary['tokens_per_s']:,.0f} tokens/s): held-out assistant loss "
+        f"{before:.4f} -> {metrics['val_loss']:.4f}"
+        + (f", replies ending with <|im_end|>: {rate:.0%} of {len(examples)}" if prompts else "")
+        + f" -> {args.out_dir}" + (f" (curve: {plot})" if plot else "")
     )
 
 

@@ -93,3 +93,20 @@ def base_checkpoint(shards_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(base_checkpoint: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real sft_train.py run: base_checkpoint fine-tuned on the first 1500 conversations of chat_train.jsonl
+    (those that fit its 128-token context), evaluated on all of chat_val.jsonl, 30 greedy replies sampled (~20 s)."""
+    import sft_train
+
+    out = tmp_path_factory.mktemp("sft") / "sft"
+    sft_train.main([
+        "--init", str(base_checkpoint), "--out_dir", str(out), "--log_dir", str(out.parent / "runs"),
+        "--train_file", str(data_dir / "chat_train.jsonl"), "--val_file", str(data_dir / "chat_val.jsonl"),
+        "--max_conversations", "1500", "--batch_size", "8", "--max_steps", "500", "--warmup_steps", "20",
+        "--lr", "3e-3", "--eval_interval", "250", "--ckpt_interval", "500",
+        "--eval_samples", "30", "--sample_max_tokens", "64", "--device", "cpu",
+    ])
+    return out
