@@ -42,11 +42,12 @@ def main() -> None:
     p.add_argument("--max_steps", type=int, default=400)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--out_dir", type=Path, help="where to keep the two checkpoints (default: a temp folder)")
+    p.add_argument("--plot", type=Path, help="also save the loss at each position of both models as a PNG")
     args = p.parse_args()
 
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="nope_rope_"))
     shards = open_shards(args.data_dir, 4 * args.context)
-    rows = {}
+    rows, curves = {}, {}
     for pos in ("rope", "nope"):
         ckpt = out / pos
         pretrain.main([
@@ -55,7 +56,7 @@ def main() -> None:
             "--eval_interval", str(args.max_steps), "--ckpt_interval", str(args.max_steps), "--device", "cpu",
         ])
         model = load_checkpoint(ckpt).model
-        by_pos = loss_by_position(model, shards.val, 4 * args.context, args.eval_batches, 16)
+        by_pos = curves[pos] = loss_by_position(model, shards.val, 4 * args.context, args.eval_batches, 16)
         rows[pos] = {f"{k}x": by_pos[: k * args.context].mean().item() for k in (1, 2, 4)}
         rows[pos]["beyond"] = by_pos[args.context :].mean().item()
 
@@ -63,8 +64,30 @@ def main() -> None:
     print(f"{'':6} {'1x T':>8} {'2x T':>8} {'4x T':>8} {'positions > T':>14}")
     for pos, r in rows.items():
         print(f"{pos:6} {r['1x']:8.3f} {r['2x']:8.3f} {r['4x']:8.3f} {r['beyond']:14.3f}")
+    if args.plot:
+        plot_curves(curves, args.context, args.plot)
+        print(f"wrote {args.plot}")
     for k in ("2x", "4x"):
         print(f"loss at {k} / loss at 1x: rope {rows['rope'][k] / rows['rope']['1x']:.2f}, nope {rows['nope'][k] / rows['nope']['1x']:.2f}")
+
+
+def plot_curves(curves: dict[str, torch.Tensor], context: int, path: Path) -> None:
+    """Loss at each position, smoothed over 8 positions so the trend shows through the noise."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for pos, by_pos in curves.items():
+        smooth = F.avg_pool1d(by_pos.view(1, 1, -1), 8, stride=1).flatten()
+        ax.plot(torch.arange(len(smooth)) + 4, smooth, label=pos)
+    ax.axvline(context, color="grey", ls="--", lw=1)
+    ax.text(context, ax.get_ylim()[1], " trained context", va="top", fontsize=8, color="grey")
+    ax.set(xlabel="position in the window", ylabel="validation loss (nats/token)",
+           title=f"NoPE vs RoPE read beyond the {context}-token training context")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
