@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--data_dir", type=Path, default=Path("speedrun/shards"))
     p.add_argument("--context", type=int, default=64, help="training context T")
     p.add_argument("--max_steps", type=int, default=400)
-    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--eval_batches", type=int, default=32, help="validation batches of 16 windows")
     p.add_argument("--out_dir", type=Path, help="where to keep the two checkpoints (default: a temp folder)")
     p.add_argument("--plot", type=Path, help="also save the loss at each position of both models as a PNG")
     args = p.parse_args()
@@ -72,13 +72,13 @@ def main() -> None:
 
 
 def plot_curves(curves: dict[str, torch.Tensor], context: int, path: Path) -> None:
-    """Loss at each position, smoothed over 8 positions so the trend shows through the noise."""
+    """Loss at each position, smoothed over 16 positions so the trend shows through the noise."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for pos, by_pos in curves.items():
-        smooth = F.avg_pool1d(by_pos.view(1, 1, -1), 8, stride=1).flatten()
-        ax.plot(torch.arange(len(smooth)) + 4, smooth, label=pos)
+        smooth = F.avg_pool1d(by_pos.view(1, 1, -1), 16, stride=1).flatten()
+        ax.plot(torch.arange(len(smooth)) + 8, smooth, label=pos)
     ax.axvline(context, color="grey", ls="--", lw=1)
     ax.text(context, ax.get_ylim()[1], " trained context", va="top", fontsize=8, color="grey")
     ax.set(xlabel="position in the window", ylabel="validation loss (nats/token)",
