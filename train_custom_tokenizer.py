@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from lillm.corpus import CorpusError, check_files, hub_documents, read_documents
 from lillm.paths import default_data_dir
 from lillm.tokenizer import (
     MIN_VOCAB_SIZE,
@@ -37,74 +37,13 @@ class InputError(ValueError):
     """Bad user input: reported as one line, exit code 2."""
 
 
-def read_txt(path: Path) -> Iterator[str]:
-    """Documents separated by blank lines, streamed line by line."""
-    lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in itertools.chain(f, [""]):
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).rstrip("\n")
-                lines = []
-
-
-def record_text(record: object, text_field: str, where: str) -> str:
-    """The text of one jsonl record: `text_field`, or the joined contents of a chat "messages" list."""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    value = record.get(text_field, record.get("messages"))
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
-        return "\n".join(m["content"] for m in value)
-    raise InputError(f"{where}: no string field {text_field!r} (or 'messages' list of chat turns); see --text_field")
-
-
-def read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-            yield record_text(record, text_field, f"{path}:{line_number}")
-
-
-def read_files(paths: list[Path], text_field: str) -> Iterator[str]:
-    for path in paths:
-        yield from read_jsonl(path, text_field) if path.suffix == ".jsonl" else read_txt(path)
-
-
-def read_hf_dataset(name: str, split: str, text_field: str) -> Iterator[str]:
-    """Stream a Hugging Face dataset, so nothing larger than one record is held in memory."""
-    import datasets  # slow to import: only when asked for
-
-    try:
-        dataset = datasets.load_dataset(name, split=split, streaming=True)
-    except Exception as e:  # datasets raises many types (offline, not found, bad split, ...)
-        raise InputError(f"cannot load dataset {name!r} split {split!r}: {e}") from None
-    for i, record in enumerate(dataset):
-        yield record_text(record, text_field, f"{name}[{split}] record {i}")
-
-
-def check_files(paths: list[Path]) -> list[Path]:
-    for path in paths:
-        if not path.is_file():
-            raise InputError(f"input file not found: {path}")
-        if path.suffix not in (".txt", ".jsonl"):
-            raise InputError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
-    return paths
-
-
 def resolve_inputs(args: argparse.Namespace) -> tuple[Iterator[str], str]:
     """The training documents and a short description of where they come from."""
     if args.dataset and args.inputs:
         raise InputError("give either input files or --dataset, not both")
     if args.dataset:
-        docs, source = read_hf_dataset(args.dataset, args.split, args.text_field), f"{args.dataset}[{args.split}]"
+        docs = hub_documents(args.dataset, None, args.split, args.text_field, chat_messages=True)
+        source = f"{args.dataset}[{args.split}]"
     else:
         if args.inputs:
             paths = check_files([Path(p) for p in args.inputs])
@@ -113,7 +52,7 @@ def resolve_inputs(args: argparse.Namespace) -> tuple[Iterator[str], str]:
         else:
             raise InputError("no input files given and no default data folder (../shared/data or $LILLM_DATA_DIR); "
                              "pass .txt/.jsonl files or --dataset")
-        docs, source = read_files(paths, args.text_field), ", ".join(str(p) for p in paths)
+        docs, source = read_documents(paths, args.text_field, chat_messages=True), ", ".join(str(p) for p in paths)
     if args.max_docs is not None:
         docs = itertools.islice(docs, args.max_docs)
     return docs, source
@@ -129,7 +68,7 @@ def val_sample(args: argparse.Namespace) -> tuple[list[str], Path | None]:
     else:
         path = check_files([Path(args.val_file)])[0]
     sample, size = [], 0
-    for doc in read_files([path], args.text_field):
+    for doc in read_documents([path], args.text_field, chat_messages=True):
         sample.append(doc)
         size += len(doc.encode("utf-8"))
         if size >= VAL_SAMPLE_BYTES:
@@ -193,6 +132,6 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except InputError as e:
+    except (InputError, CorpusError) as e:
         print(f"train_custom_tokenizer.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -18,47 +18,17 @@ import hashlib
 import itertools
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm.auto import tqdm  # noqa: E402
 
+from lillm.corpus import check_files, hub_documents, read_documents  # noqa: E402
 from lillm.data import META_FILE, TOKENIZER_FILE, ShardWriter, file_sha256, shard_dtype  # noqa: E402
 from lillm.paths import default_data_file  # noqa: E402
 from lillm.tokenizer import EOS_ID, atomic_write_text, load_tokenizer  # noqa: E402
-
-
-def read_documents(path: Path, text_field: str) -> Iterator[str]:
-    """Documents of a .txt (blank-line separated) or .jsonl (one JSON object per line) file."""
-    if not path.is_file():
-        raise ValueError(f"input file not found: {path}")
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object with a {text_field!r} string ({e})") from None
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{line_no}: {text_field!r} is {type(text).__name__}, not a string")
-                if text.strip():
-                    yield text
-    else:
-        text = path.read_text(encoding="utf-8")
-        yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
-
-
-def hub_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
-    """Documents streamed from the Hugging Face Hub (nothing is downloaded up front)."""
-    from datasets import load_dataset
-
-    for row in load_dataset(name, config, split=split, streaming=True):
-        if row.get(text_field):
-            yield row[text_field]
 
 
 def tokenize_into(docs: Iterable[str], tokenizer, pick: Callable[[str], ShardWriter], batch_docs: int, desc: str) -> None:
@@ -110,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             inputs = args.inputs or [default_data_file("pretrain_tinystories_train.txt")]
             if args.val_file is None and not args.inputs and not args.val_fraction:
                 args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
+            inputs, val_files = check_files(inputs), check_files(args.val_file or [])
             sources = [str(f) for f in inputs]
-            train_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in inputs)
-            val_docs = itertools.chain.from_iterable(read_documents(f, args.text_field) for f in args.val_file) if args.val_file else None
+            train_docs = read_documents(inputs, args.text_field)
+            val_docs = read_documents(val_files, args.text_field) if val_files else None
         if val_docs is None and not args.val_fraction:
             raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
 

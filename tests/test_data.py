@@ -126,7 +126,7 @@ def test_empty_corpus_fails_and_keeps_old_shards(shards_dir, tokenizer_path, tmp
     "content, args, message",
     [
         ('{"text": "fine"}\n{"text": 3}\n', ["--val_fraction", "0.5"], "bad.jsonl:2: 'text' is int"),
-        ('{"text": "fine"}\nnot json\n', ["--val_fraction", "0.5"], "bad.jsonl:2: expected a JSON object"),
+        ('{"text": "fine"}\nnot json\n', ["--val_fraction", "0.5"], "bad.jsonl:2: invalid JSON"),
         ('{"text": "fine"}\n', [], "no validation data"),
         ('{"text": "fine"}\n', ["--val_fraction", "1.5"], "--val_fraction must be in [0, 1)"),
     ],
