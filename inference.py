@@ -23,7 +23,7 @@ from lillm.generate import (
     load_for_inference,
     stream_text,
 )
-from lillm.tokenizer import EOS_ID, encode_ordinary
+from lillm.tokenizer import encode_ordinary, special_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +69,8 @@ def stream_to_stdout(ckpt: Checkpoint, prompt_ids: list[int], cfg: SamplingConfi
 def complete(ckpt: Checkpoint, text: str, cfg: SamplingConfig, use_cache: bool) -> None:
     """Base completion: the prompt starts a fresh document (pretraining puts EOS between documents)."""
     print(text, end="", flush=True)
-    stream_to_stdout(ckpt, [EOS_ID, *encode_ordinary(ckpt.tokenizer, text)], cfg, use_cache)
+    eos = special_tokens(ckpt.tokenizer).eos
+    stream_to_stdout(ckpt, [eos, *encode_ordinary(ckpt.tokenizer, text)], cfg, use_cache)
 
 
 def chat(ckpt: Checkpoint, system: str | None, cfg: SamplingConfig, use_cache: bool) -> None:
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = sampling_config(args)
         ckpt = load_for_inference(args.checkpoint, args.device, args.dtype)
+        cfg = cfg.with_stops(ckpt.tokenizer)
     except (ValueError, RuntimeError, AssertionError) as e:  # bad flag values or checkpoint, unknown device
         print(f"inference.py: error: {e}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ def build_demo(
             return
         stats = GenerationStats()
         reply = ""
-        for piece in stream_text(ckpt.tokenizer, generate_ids(ckpt.model, prompt, cfg, stats=stats)):
+        for piece in stream_text(ckpt.tokenizer, generate_ids(ckpt.model, prompt, cfg.with_stops(ckpt.tokenizer), stats=stats)):
             reply += piece
             yield reply, speed(stats)
         yield reply, speed(stats)

@@ -38,7 +38,7 @@ from lillm.sft_data import (
     hub_conversations,
     read_jsonl_conversations,
 )
-from lillm.tokenizer import IM_END_ID, atomic_write_text
+from lillm.tokenizer import atomic_write_text, special_tokens
 from lillm.train import (
     RunLogger,
     TrainConfig,
@@ -129,7 +129,7 @@ def assistant_loss(model: LilLM, data: SFTDataset, info, batch_size: int) -> flo
     total, count = 0.0, 0.0
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        x, y, mask = (t.to(info.device) for t in collate([data.ids[i] for i in rows], [data.masks[i] for i in rows]))
+        x, y, mask = (t.to(info.device) for t in collate([data.ids[i] for i in rows], [data.masks[i] for i in rows], data.pad_id))
         n = mask.sum().item()
         total += model(x, y, loss_mask=mask)[1].item() * n
         count += n
@@ -162,7 +162,7 @@ def held_out_prompts(
 
 def im_end_rate(model: LilLM, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> tuple[float, list[dict]]:
     """Fraction of greedy replies that end with <|im_end|> within max_new_tokens, and every reply."""
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(IM_END_ID,))
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(special_tokens(tokenizer).im_end,))
     replies = generate_batch(model, [prompt for _, prompt in prompts], cfg)  # stop ids are cut off the replies,
     ended = [len(reply) < max_new_tokens for reply in replies]  # so a reply that stopped is shorter than the budget
     examples = [{"user": user, "reply": tokenizer.decode(r), "ended": e} for (user, _), r, e in zip(prompts, replies, ended)]
@@ -245,7 +245,7 @@ def run(args: argparse.Namespace, info) -> None:
 
     def get_batch(step: int, micro: int):
         rows = batch_indices(len(train), args.batch_size, args.seed, step, info.rank * args.grad_accum + micro, chunks)
-        batch = collate([train.ids[i] for i in rows], [train.masks[i] for i in rows], args.train_on_inputs)
+        batch = collate([train.ids[i] for i in rows], [train.masks[i] for i in rows], train.pad_id, args.train_on_inputs)
         return tuple(t.to(info.device) for t in batch)
 
     def evaluate() -> dict[str, float]:

@@ -28,17 +28,17 @@ from tqdm.auto import tqdm  # noqa: E402
 from lillm.corpus import check_files, hub_documents, read_documents  # noqa: E402
 from lillm.data import META_FILE, TOKENIZER_FILE, ShardWriter, file_sha256, shard_dtype  # noqa: E402
 from lillm.paths import default_data_file  # noqa: E402
-from lillm.tokenizer import EOS_ID, atomic_write_text, load_tokenizer  # noqa: E402
+from lillm.tokenizer import atomic_write_text, load_tokenizer, special_tokens  # noqa: E402
 
 
 def tokenize_into(docs: Iterable[str], tokenizer, pick: Callable[[str], ShardWriter], batch_docs: int, desc: str) -> None:
     """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores) and append each one, then
     EOS, to the shard pick(document) chooses."""
-    docs = iter(docs)
+    docs, eos = iter(docs), special_tokens(tokenizer).eos
     with tqdm(desc=desc, unit=" docs", dynamic_ncols=True) as bar:
         while batch := list(itertools.islice(docs, batch_docs)):
             for doc, encoding in zip(batch, tokenizer.encode_batch(batch)):
-                pick(doc).write([*encoding.ids, EOS_ID], text_bytes=len(doc.encode("utf-8")))
+                pick(doc).write([*encoding.ids, eos], text_bytes=len(doc.encode("utf-8")))
             bar.update(len(batch))
 
 

@@ -8,7 +8,8 @@ A conversation is rendered as
 tokens and on the `<|im_end|>` that closes its turn (so the model learns to stop), 0 on everything else (role
 headers, the newline after `<|im_end|>`, system and user turns).
 
-Special-token ids are appended directly; headers and contents go through the ordinary encoder piece by piece.
+Special-token ids are appended directly (looked up by name in the tokenizer, so any ChatML vocabulary works);
+headers and contents go through the ordinary encoder piece by piece.
 So text can never produce a control token, and a message's tokens never merge with its header's. The price:
 the ids can differ from encoding the whole template string at once (e.g. "\\n" + "Hello" here vs "\\nHello"
 there); decoding them still gives the template text exactly.
@@ -20,14 +21,21 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from tokenizers import Tokenizer
 
-from lillm.tokenizer import IM_END_ID, IM_START_ID, SPECIAL_TOKENS, BPETokenizer, encode_ordinary
+from lillm.tokenizer import IM_END_TOKEN, IM_START_TOKEN, BPETokenizer, encode_ordinary, special_tokens
 
 CHAT_TEMPLATE_VERSION = 1  # bump when the rendered format changes; checkpoints record it
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 
-# A rendered conversation is a sequence of pieces: a special-token id or a text, each with its mask value.
-Piece = tuple[int | str, int]
+
+class _Control(str):
+    """A piece of the template that is a control token, not text to encode."""
+
+
+IM_START, IM_END = _Control(IM_START_TOKEN), _Control(IM_END_TOKEN)
+
+# A rendered conversation is a sequence of pieces: a control token or a text, each with its mask value.
+Piece = tuple[str, int]
 
 
 def _pieces(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, system: str | None) -> Iterator[Piece]:
@@ -35,13 +43,13 @@ def _pieces(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, 
     messages = _validated(messages, system)
     for message in messages:
         is_assistant = int(message["role"] == "assistant")
-        yield IM_START_ID, 0
+        yield IM_START, 0
         yield f"{message['role']}\n", 0
         yield message["content"], is_assistant
-        yield IM_END_ID, is_assistant
+        yield IM_END, is_assistant
         yield "\n", 0
     if add_generation_prompt:
-        yield IM_START_ID, 0
+        yield IM_START, 0
         yield "assistant\n", 0
 
 
@@ -78,10 +86,12 @@ def render(
     `system`: a system message to prepend when `messages` has none (e.g. DEFAULT_SYSTEM_PROMPT).
     `add_generation_prompt`: end with "<|im_start|>assistant\\n" so the model writes the next reply.
     """
+    specials = special_tokens(tokenizer)
+    control_id = {IM_START: specials.im_start, IM_END: specials.im_end}
     ids: list[int] = []
     mask: list[int] = []
     for piece, mask_value in _pieces(messages, add_generation_prompt, system):
-        piece_ids = [piece] if isinstance(piece, int) else encode_ordinary(tokenizer, piece)
+        piece_ids = [control_id[piece]] if isinstance(piece, _Control) else encode_ordinary(tokenizer, piece)
         ids.extend(piece_ids)
         mask.extend([mask_value] * len(piece_ids))
     return ids, mask
@@ -91,7 +101,4 @@ def render_text(
     messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False, system: str | None = None
 ) -> str:
     """The template as a string: what `decode(render(...)[0])` gives back. For display and tests."""
-    return "".join(
-        SPECIAL_TOKENS[piece] if isinstance(piece, int) else piece
-        for piece, _ in _pieces(messages, add_generation_prompt, system)
-    )
+    return "".join(piece for piece, _ in _pieces(messages, add_generation_prompt, system))

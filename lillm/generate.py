@@ -15,14 +15,14 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lillm.chat import DEFAULT_SYSTEM_PROMPT, render
 from lillm.checkpoint import Checkpoint, load_checkpoint
 from lillm.model import KVCache, LilLM
-from lillm.tokenizer import BYTE_OFFSET, EOS_ID, IM_END_ID, PAD_ID, _BYTE_TO_CHAR, BPETokenizer
+from lillm.tokenizer import _BYTE_TO_CHAR, BPETokenizer, special_tokens
 
 # ---------------------------------------------------------------------------------------------- sampling rules
 # Each takes logits of shape (V,) or (B, V) and returns new logits of the same shape; none modifies its input.
@@ -84,7 +84,9 @@ class SamplingConfig:
     top_p: float = 0.95  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
     max_new_tokens: int = 256
-    stop_ids: tuple[int, ...] = (EOS_ID, IM_END_ID)  # generation ends at these; they are not returned
+    # Generation ends at these (they are not returned). None: not chosen yet; the text and chat functions fill
+    # in the tokenizer's <|im_end|> and <|endoftext|> (`with_stops`), the id-level ones refuse to guess.
+    stop_ids: tuple[int, ...] | None = None
     seed: int | None = None  # fixed seed -> the same sample every time
 
     def __post_init__(self) -> None:
@@ -100,7 +102,19 @@ class SamplingConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {rules[name]}, got {getattr(self, name)!r}")
-        self.stop_ids = tuple(self.stop_ids)
+        if self.stop_ids is not None:
+            self.stop_ids = tuple(int(i) for i in self.stop_ids)
+
+    def with_stops(self, tokenizer) -> SamplingConfig:
+        """This config, stopping at the tokenizer's end-of-turn and end-of-text tokens unless stops were chosen."""
+        if self.stop_ids is not None:
+            return self
+        return replace(self, stop_ids=special_tokens(tokenizer).chat_stop_ids)
+
+    def checked_stop_ids(self) -> tuple[int, ...]:
+        if self.stop_ids is None:
+            raise ValueError("SamplingConfig.stop_ids is not set: use cfg.with_stops(tokenizer), or stop_ids=() for none")
+        return self.stop_ids
 
 
 @dataclass
@@ -130,14 +144,15 @@ def _last_logits(model: LilLM, ids: torch.Tensor, cache: KVCache | None, attenti
 
 def _decode_steps(model: LilLM, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool, budget: int):
     """Yield the (B,) ids chosen at each of up to `budget` steps, for left-padded prompts decoded together.
-    Stops early once every row has produced a stop id."""
+    Stops early once every row has produced a stop id. Padding repeats each row's first token: it is masked
+    out, so its value never matters, and it is an id the vocabulary surely has."""
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
-    tokens = torch.tensor([[PAD_ID] * (longest - len(p)) + list(p) for p in prompts], device=device)
+    tokens = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=device)
     is_real = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=device)
     padded = not bool(is_real.all())
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    stop_ids = torch.tensor(cfg.stop_ids, dtype=torch.long, device=device)
+    stop_ids = torch.tensor(cfg.checked_stop_ids(), dtype=torch.long, device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = None
     if use_cache:
@@ -164,7 +179,7 @@ def _fit_window(model: LilLM, prompts: Sequence[Sequence[int]], max_new_tokens: 
     """Crop prompts to the last max_seq_len - 1 tokens; return them and how many new tokens still fit."""
     max_seq_len = model.config.max_seq_len
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (e.g. EOS_ID to start a fresh document)")
+        raise ValueError("every prompt needs at least one token (e.g. <|endoftext|> to start a fresh document)")
     cropped = [list(p)[-(max_seq_len - 1):] for p in prompts]
     return cropped, min(max_new_tokens, max_seq_len - max(len(p) for p in cropped))
 
@@ -183,12 +198,13 @@ def generate_ids(
     Ends at a stop id (not yielded), after cfg.max_new_tokens, or when the context window is full."""
     stats = stats if stats is not None else GenerationStats()
     start = time.perf_counter()
+    stop_ids = cfg.checked_stop_ids()
     (prompt,), budget = _fit_window(model, [prompt_ids], cfg.max_new_tokens)
     stats.prompt_tokens, stats.new_tokens, stats.stop_reason = len(prompt), 0, None
     for next_ids in _decode_steps(model, [prompt], cfg, use_cache, budget):
         stats.seconds = time.perf_counter() - start
         token = int(next_ids[0])
-        if token in cfg.stop_ids:
+        if token in stop_ids:
             stats.stop_reason = "stop"
             return
         stats.new_tokens += 1
@@ -202,12 +218,13 @@ def generate_batch(model: LilLM, prompts: Sequence[Sequence[int]], cfg: Sampling
 
     Greedy results equal generating each prompt alone: padding is masked out and RoPE only sees relative
     distances. The rows share one context window, so the longest prompt sets how many tokens fit."""
+    stop_ids = cfg.checked_stop_ids()
     prompts, budget = _fit_window(model, prompts, cfg.max_new_tokens)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for next_ids in _decode_steps(model, prompts, cfg, use_cache=True, budget=budget):
         for row, token in enumerate(next_ids.tolist()):
-            done[row] = done[row] or token in cfg.stop_ids
+            done[row] = done[row] or token in stop_ids
             if not done[row]:
                 outputs[row].append(token)
     return outputs
@@ -217,14 +234,15 @@ def generate_batch(model: LilLM, prompts: Sequence[Sequence[int]], cfg: Sampling
 
 
 def _token_bytes_table(tokenizer) -> list[bytes]:
-    """The bytes of every token id (special tokens map to b"": they are never shown as text)."""
+    """The bytes of every token id (control tokens map to b"": they are never shown as text)."""
+    control = special_tokens(tokenizer).control
     if isinstance(tokenizer, BPETokenizer):
-        return [b"" if i < BYTE_OFFSET else token for i, token in enumerate(tokenizer.vocab)]
+        return [b"" if i in control else token for i, token in enumerate(tokenizer.vocab)]
     char_to_byte = {char: byte for byte, char in enumerate(_BYTE_TO_CHAR)}  # byte-level BPE's printable stand-ins
     table = []
     for i in range(tokenizer.get_vocab_size()):
         token = tokenizer.id_to_token(i)
-        table.append(b"" if i < BYTE_OFFSET or token is None else bytes(char_to_byte[c] for c in token))
+        table.append(b"" if i in control or token is None else bytes(char_to_byte[c] for c in token))
     return table
 
 
@@ -284,7 +302,9 @@ def chat_reply(
     system: str | None = None,
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
-    """The assistant's reply to a conversation, streamed as text increments."""
+    """The assistant's reply to a conversation, streamed as text increments (stops at <|im_end|> unless `cfg`
+    names other stop ids)."""
+    cfg = cfg.with_stops(tokenizer)
     prompt = chat_prompt_ids(model, tokenizer, messages, cfg, system)
     return stream_text(tokenizer, generate_ids(model, prompt, cfg, stats=stats))
 

@@ -5,7 +5,8 @@ reads ids[:-1] and predicts ids[1:]; the loss counts a position only where the *
 token (mask[1:]), so the model learns to write replies and to end them with <|im_end|>, never to imitate users.
 
 A conversation longer than the context is cut after its last whole assistant turn that still fits
-(`overflow="truncate"`) or skipped (`overflow="drop"`); both are counted. Batches are right-padded with <|pad|>
+(`overflow="truncate"`) or skipped (`overflow="drop"`); both are counted. Batches are right-padded with the
+tokenizer's pad token (`special_tokens(tokenizer).pad`)
 (loss mask 0, target -100) to the longest conversation in the batch. Conversations are not packed together:
 with right padding and a causal mask, real tokens never see padding, so no attention mask is needed.
 """
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from lillm.chat import render
-from lillm.tokenizer import PAD_ID
+from lillm.tokenizer import special_tokens
 
 Messages = list[Mapping[str, str]]
 Source = Iterator[tuple[str, Messages]]  # (where it came from, e.g. "chat.jsonl:12", messages)
@@ -34,6 +35,7 @@ Source = Iterator[tuple[str, Messages]]  # (where it came from, e.g. "chat.jsonl
 class SFTDataset:
     """Rendered conversations (ids and mask, one pair of arrays per conversation) and what happened on the way."""
 
+    pad_id: int  # the tokenizer's pad token, what `collate` pads inputs with
     ids: list[np.ndarray] = field(default_factory=list)  # int32 token ids
     masks: list[np.ndarray] = field(default_factory=list)  # uint8, 1 on assistant tokens
     conversations: int = 0  # read from the source
@@ -115,7 +117,7 @@ def build_sft_dataset(
     overflow="drop" skips every conversation that would need cutting; "truncate" keeps its leading turns."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
-    data = SFTDataset()
+    data = SFTDataset(pad_id=special_tokens(tokenizer).pad)
     for where, messages in islice(conversations, limit):
         data.conversations += 1
         try:
@@ -138,14 +140,14 @@ def build_sft_dataset(
 
 
 def collate(
-    ids: Sequence[np.ndarray], masks: Sequence[np.ndarray], train_on_inputs: bool = False
+    ids: Sequence[np.ndarray], masks: Sequence[np.ndarray], pad_id: int, train_on_inputs: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest conversation -> (inputs, targets, loss_mask), each (B, T), T = longest - 1.
 
-    Padding: input <|pad|>, target -100, mask 0. With train_on_inputs every real target counts (system and user
+    Padding: input pad_id, target -100, mask 0. With train_on_inputs every real target counts (system and user
     tokens and headers too), as in plain language modelling."""
     T = max(len(x) for x in ids) - 1
-    inputs = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
+    inputs = torch.full((len(ids), T), pad_id, dtype=torch.long)
     targets = torch.full((len(ids), T), -100, dtype=torch.long)
     loss_mask = torch.zeros((len(ids), T), dtype=torch.float32)
     for row, (x, m) in enumerate(zip(ids, masks)):

@@ -7,6 +7,10 @@ hand-written `BPETokenizer` encodes every text exactly like the hand-written enc
     ids 4..259   the 256 single bytes (in byte order for BPETokenizer; `tokenizers` orders them by character)
     ids 260..    merges, in the order they were learned
 
+That layout is checked when lillm trains a tokenizer, but nothing else relies on it: code asks the tokenizer for
+its control tokens by name (`special_tokens`), so a real model's byte-level BPE `tokenizer.json` (SmolLM2:
+<|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, no pad) loads and chats the same way.
+
 Text never becomes a special token: a literal "<|im_end|>" inside a string is encoded as ordinary bytes. Only
 `lillm.chat.render` emits special-token ids, which is what stops a user from typing a fake turn boundary.
 """
@@ -19,14 +23,15 @@ import os
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import regex
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
-EOS_ID, PAD_ID, IM_START_ID, IM_END_ID = range(len(SPECIAL_TOKENS))
-BYTE_OFFSET = len(SPECIAL_TOKENS)  # id of byte 0
+EOS_TOKEN, PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN)  # lillm's own layout: ids 0..3 in this order
+BYTE_OFFSET = len(SPECIAL_TOKENS)  # id of byte 0 in lillm's own tokenizers
 MIN_VOCAB_SIZE = BYTE_OFFSET + 256 + 1  # specials + bytes + at least one merge
 
 # GPT-4's split pattern: contractions, words with one optional leading non-letter (usually a space), numbers of at
@@ -177,7 +182,7 @@ class BPETokenizer:
 
     # ---------------------------------------------------------------------------------------------- encode/decode
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. Special-token strings in `text` are ordinary text (never ids 0-3)."""
+        """Token ids of `text`. Special-token strings in `text` are ordinary text (never control ids)."""
         ids: list[int] = []
         for word in _SPLIT_RE.findall(text):
             cached = self._cache.get(word)
@@ -315,10 +320,56 @@ def _check_texts(texts: Iterable[str]) -> None:
 
 
 def _check_special_tokens(tokenizer: Tokenizer, where: str) -> None:
+    """lillm's own layout (ids 0..3), required of the tokenizers lillm trains."""
     found = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
     if found != list(range(len(SPECIAL_TOKENS))):
         expected = ", ".join(f"{t}={i}" for i, t in enumerate(SPECIAL_TOKENS))
         raise ValueError(f"{where} must have the special tokens {expected}; found ids {found}")
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The control-token ids of one vocabulary, found by name. pad is eos when the vocabulary has no <|pad|>
+    (padding is always masked out, so any id that exists would do; eos is the usual choice)."""
+
+    eos: int
+    pad: int
+    im_start: int
+    im_end: int
+    control: frozenset[int]  # every special or added token: never shown as text, never produced from text
+
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Where a reply ends: the <|im_end|> that closes a turn, or <|endoftext|>."""
+        return (self.im_end, self.eos)
+
+
+def special_tokens(tokenizer: Tokenizer | BPETokenizer) -> SpecialTokens:
+    """The control tokens of `tokenizer`, looked up by name (ValueError if a ChatML token is missing)."""
+    if isinstance(tokenizer, BPETokenizer):
+        eos, pad, im_start, im_end = range(len(SPECIAL_TOKENS))
+        return SpecialTokens(eos, pad, im_start, im_end, frozenset(range(len(SPECIAL_TOKENS))))
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    missing = [token for token in (EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if ids[token] is None]
+    if missing:
+        raise ValueError(f"the tokenizer has no {', '.join(missing)} token: it cannot render ChatML conversations")
+    pad = ids[PAD_TOKEN] if ids[PAD_TOKEN] is not None else ids[EOS_TOKEN]
+    control = frozenset(tokenizer.get_added_tokens_decoder())
+    return SpecialTokens(ids[EOS_TOKEN], pad, ids[IM_START_TOKEN], ids[IM_END_TOKEN], control)
+
+
+def _check_loadable(tokenizer: Tokenizer, path: Path) -> None:
+    """Any byte-level BPE tokenizer.json whose ChatML tokens exist and are special loads; say what is off."""
+    spec = json.loads(tokenizer.to_str())
+    if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
+        raise ValueError(f"{path} is not a byte-level BPE tokenizer (lillm streams text through its byte table)")
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    not_special = [token for token in (EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN) if token not in special]
+    if not_special:
+        raise ValueError(
+            f"{path} lacks the ChatML control tokens {', '.join(not_special)} (they must exist and be special); "
+            "lillm needs <|endoftext|>, <|im_start|> and <|im_end|>"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -334,7 +385,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-    _check_special_tokens(tokenizer, str(path))
+    _check_loadable(tokenizer, path)
     tokenizer.encode_special_tokens = True
     return tokenizer
 

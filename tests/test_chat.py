@@ -9,7 +9,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from lillm.chat import DEFAULT_SYSTEM_PROMPT, render, render_text
-from lillm.tokenizer import IM_END_ID, IM_START_ID, BPETokenizer, load_tokenizer
+from lillm.tokenizer import BPETokenizer, load_tokenizer
+
+IM_START_ID, IM_END_ID = 2, 3  # lillm's own layout (the tokenizers here are trained by lillm)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from lillm.chat import DEFAULT_SYSTEM_PROMPT, render
 from lillm.model import LilLM, ModelConfig
 from lillm.sft_data import batch_indices, build_sft_dataset, collate, fit_conversation, read_jsonl_conversations
-from lillm.tokenizer import IM_END_ID, PAD_ID, load_tokenizer
+from lillm.tokenizer import load_tokenizer
+
+PAD_ID, IM_END_ID = 1, 3  # lillm's own layout (the tokenizers here are trained by lillm)
 
 EXCHANGES = [
     {"role": "user", "content": "What colour is the sky?"},
@@ -34,7 +36,7 @@ def source(*conversations):
 
 def batch_of(tokenizer, conversations, train_on_inputs=False):
     data = build_sft_dataset(tokenizer, source(*conversations), max_seq_len=256, system=DEFAULT_SYSTEM_PROMPT)
-    return collate(data.ids, data.masks, train_on_inputs)
+    return collate(data.ids, data.masks, data.pad_id, train_on_inputs)
 
 
 def test_masked_loss_equals_a_hand_computation_over_assistant_targets(tokenizer):

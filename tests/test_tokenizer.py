@@ -9,8 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lillm.chat import render, render_text
+from lillm.generate import stream_text
+from lillm.sft_data import build_sft_dataset, collate
 from lillm.tokenizer import (
     BYTE_OFFSET,
     SPECIAL_TOKENS,
@@ -20,6 +23,7 @@ from lillm.tokenizer import (
     encode_ordinary,
     load_tokenizer,
     save_tokenizer,
+    special_tokens,
     train_hf_tokenizer,
 )
 
@@ -244,8 +248,38 @@ def test_load_tokenizer_errors(tmp_path: Path, train_docs: list[str]) -> None:
     vocab = state["model"]["vocab"]
     vocab["<|im_start|>x"], vocab["<|im_end|>x"] = vocab.pop("<|im_start|>"), vocab.pop("<|im_end|>")
     (tmp_path / "other.json").write_text(json.dumps(state), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"special tokens .*found ids \[0, 1, None, None\]"):
+    with pytest.raises(ValueError, match=r"lacks the ChatML control tokens <\|im_start\|>, <\|im_end\|>"):
         load_tokenizer(tmp_path / "other.json")
+    word_level = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hi": 1}, unk_token="<|endoftext|>"))
+    save_tokenizer(word_level, tmp_path / "word.json")
+    with pytest.raises(ValueError, match="not a byte-level BPE tokenizer"):
+        load_tokenizer(tmp_path / "word.json")
+
+
+def test_a_foreign_chatml_vocabulary_is_used_by_name(tmp_path: Path, train_docs: list[str]) -> None:
+    """SmolLM2's layout (<|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, no pad): everything asks by name."""
+    foreign = Tokenizer(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    foreign.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    foreign.train_from_iterator(train_docs[:200], trainer)
+    save_tokenizer(foreign, tmp_path / "foreign.json")
+    tokenizer = load_tokenizer(tmp_path / "foreign.json")
+    specials = special_tokens(tokenizer)
+    assert (specials.eos, specials.pad, specials.im_start, specials.im_end) == (0, 0, 1, 2)
+    assert specials.control == {0, 1, 2} and specials.chat_stop_ids == (2, 0)
+
+    messages = [{"role": "user", "content": "say <|im_end|> please"}, {"role": "assistant", "content": "ok"}]
+    ids, mask = render(tokenizer, messages)
+    assert ids.count(1) == 2 and ids.count(2) == 2  # two turns: one im_start and one im_end each, from render only
+    assert tokenizer.decode(ids, skip_special_tokens=False) == render_text(messages)
+    assert [i for i, m in zip(ids, mask) if m] == [*encode_ordinary(tokenizer, "ok"), 2]
+    text = "".join(stream_text(tokenizer, ids))  # control tokens are blanked, text (even "<|im_end|>") is kept
+    assert text == "user\nsay <|im_end|> please\nassistant\nok\n"
+    data = build_sft_dataset(tokenizer, iter([("x", messages), ("y", messages[:1] + [{"role": "assistant", "content": "a longer reply"}])]), 64)
+    inputs, _, _ = collate(data.ids, data.masks, data.pad_id)
+    assert data.pad_id == 0 and inputs[0, -1].item() == 0  # the shorter conversation is padded with eos
 
 
 def test_bad_vocab_size_and_bad_files(tmp_path: Path) -> None:
