@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lillm.hf_export import to_hf_llama
+from lillm.hf import to_hf_llama
 from lillm.model import LilLM, ModelConfig
 
 

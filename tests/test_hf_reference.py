@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lillm.hf_export import llama_state_dict, to_hf_llama
+from lillm.hf import llama_state_dict, to_hf_llama
 from lillm.model import LilLM, ModelConfig
 
 transformers = pytest.importorskip("transformers")  # in requirements-dev.txt, so CI runs this
