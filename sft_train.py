@@ -38,7 +38,8 @@ from lillm.sft_data import (
     hub_conversations,
     read_jsonl_conversations,
 )
-from lillm.tokenizer import atomic_write_text, special_tokens
+from lillm.fileio import atomic_write_text
+from lillm.tokenizer import special_tokens
 from lillm.train import (
     RunLogger,
     TrainConfig,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import regex
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lillm.fileio import atomic_write_text
 
 EOS_TOKEN, PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN)  # lillm's own layout: ids 0..3 in this order
@@ -415,19 +416,3 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
     if n_tokens == 0:
         raise ValueError("cannot measure bytes/token on empty text")
     return n_bytes / n_tokens
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder, fsync and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
