@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lillm.flops import count_parameters, flops_per_token, kv_cache_bytes_per_token, matmul_parameters, mfu, peak_flops
+from lillm.flops import (
+    PEAK_BF16_FLOPS,
+    count_parameters,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    matmul_parameters,
+    mfu,
+    peak_flops,
+    peak_flops_for_name,
+)
 from lillm.model import KVCache, LilLM, ModelConfig
 
 
@@ -46,3 +55,31 @@ def test_mfu():
     assert peak_flops("cpu") is None
     assert mfu(1e5, cfg, 256, peak=None) is None
     assert mfu(1e5, cfg, 256, peak=1e15, n_devices=2) == pytest.approx(1e5 * flops_per_token(cfg) / 2e15)
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H200", 989.4),  # SXM
+        ("NVIDIA H200 NVL", 835.5),  # not the SXM peak although the name starts the same
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA H800", 989.4),
+        ("NVIDIA A800-SXM4-80GB", 312.0),
+        ("NVIDIA A100-SXM4-40GB", 312.0),
+        ("NVIDIA L40S", 362.05),
+        ("NVIDIA L40", 181.05),  # not the L4's 121
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA A10", 125.0),
+    ],
+)
+def test_peak_table_matches_device_names_exactly(name, tflops):
+    assert peak_flops_for_name(name) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA H100", "Tesla T4", "NVIDIA GeForce RTX 4090", "H200", ""])
+def test_unknown_gpu_has_no_peak(name):
+    """A name the table does not hold gives no MFU rather than the peak of a GPU whose name it contains."""
+    assert peak_flops_for_name(name) is None
+
