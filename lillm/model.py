@@ -95,8 +95,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Follow the model to its device but never to a lower precision: inv_freq in bf16 (8 mantissa bits)
+        turns position 1000's angles wrong by tenths of a radian. model.to(torch.bfloat16) casts every floating
+        buffer, so the float32 values are put back after any move or cast."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)  # same values, float32, on the new device
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (len(positions), head_dim) for the given integer positions."""
+        """cos and sin of shape (len(positions), head_dim), float32, for the given integer positions. Angles are
+        float32 whatever the model's dtype (apply_rotary casts the rotated result back)."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)  # channel i and i + head_dim/2 share an angle
         return angles.cos(), angles.sin()
@@ -167,16 +177,32 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,  # each kv head serves a group of query heads
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = grouped_attention(q, k, v, mask, dropout, expand_kv=needs_expanded_kv(q, mask, self.n_heads != self.n_kv_heads))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def needs_expanded_kv(q: torch.Tensor, mask: torch.Tensor | None, grouped: bool) -> bool:
+    """Should K/V heads be repeated before SDPA? On CUDA, SDPA runs grouped heads (enable_gqa) only in the flash
+    kernel, which needs fp16/bf16 and no explicit mask; fp32 (--dtype fp32) or a mask (padding, a cached prefix)
+    would fall back to the math kernel, which materialises the whole attention matrix (gigabytes at T=1024).
+    Repeated heads let the memory-efficient kernel take those cases. CPU kernels handle grouped heads directly."""
+    return grouped and q.is_cuda and (mask is not None or q.dtype == torch.float32)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float, expand_kv: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + mask) v for q (B, H, T, hd) and k, v (B, H_kv, T_keys, hd), each kv head
+    serving H / H_kv query heads. mask None: causal when T > 1; a single query (decoding one unpadded token)
+    sees every key, cached ones included, so it needs no mask at all (and stays on the fast kernels)."""
+    group = q.shape[1] // k.shape[1]
+    if expand_kv and group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, dropout_p=dropout,
+        enable_gqa=group > 1 and not expand_kv,
+    )
 
 
 class SwiGLU(nn.Module):
@@ -257,9 +283,11 @@ class LilLM(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + T, device=input_ids.device)
+        positions = torch.arange(start, start + T, device=input_ids.device)  # from Python ints: no device sync
         rope = self.rotary(positions) if self.rotary is not None else None
-        mask = self._attention_mask(positions, attention_mask) if (start > 0 or attention_mask is not None) else None
+        # No mask when causal order alone decides: a fresh sequence, or one new token after the cache.
+        needs_mask = attention_mask is not None or (start > 0 and T > 1)
+        mask = self._attention_mask(positions, start + T, attention_mask) if needs_mask else None
 
         x = self.dropout(self.embed_tokens(input_ids))
         for layer in self.layers:
@@ -282,10 +310,10 @@ class LilLM(nn.Module):
         return logits, (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
     @staticmethod
-    def _attention_mask(positions: torch.Tensor, key_is_real: torch.Tensor | None) -> torch.Tensor:
-        """Bool mask (B or 1, 1, T, T_keys): a query sees keys at or before its position that are not padding.
+    def _attention_mask(positions: torch.Tensor, n_keys: int, key_is_real: torch.Tensor | None) -> torch.Tensor:
+        """Bool mask (B or 1, 1, T, n_keys): a query sees keys at or before its position that are not padding.
         A query always sees itself, so a padding query never has an all-masked row (which would give NaN)."""
-        key_positions = torch.arange(int(positions[-1]) + 1, device=positions.device)
+        key_positions = torch.arange(n_keys, device=positions.device)
         causal = key_positions[None, :] <= positions[:, None]  # (T, T_keys)
         if key_is_real is None:
             return causal[None, None]

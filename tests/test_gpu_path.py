@@ -1,0 +1,125 @@
+"""The CUDA path's logic, checked on the CPU: rotary precision under bf16, the attention kernels' inputs,
+decoding without masks, RNG state per rank, timing that excludes evaluation, a step path free of host syncs.
+
+The GPU itself is exercised by bench/gpu_check.sh; its CPU dry run is the last test here."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lillm.model import LilLM, ModelConfig, RotaryEmbedding, grouped_attention, needs_expanded_kv
+
+LONG = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=1024)
+
+
+def position_sensitive_model(seed: int = 0) -> LilLM:
+    """A random LilLM whose attention is sharp (query/key weights x16), so its logits depend on the rotary angles:
+    with near-uniform attention, any angle error would be invisible."""
+    torch.manual_seed(seed)
+    model = LilLM(LONG).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.q_proj.weight.mul_(16)
+            layer.attn.k_proj.weight.mul_(16)
+    return model
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.float() - reference).norm() / reference.norm())
+
+
+def test_rotary_frequencies_stay_float32_when_the_model_is_cast_to_bf16():
+    model = LilLM(LONG)
+    fp32_inv_freq = model.rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.rotary.inv_freq.dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(model.rotary.inv_freq, fp32_inv_freq)
+    model.bfloat16().half()
+    assert torch.equal(model.rotary.inv_freq, fp32_inv_freq)
+    positions = torch.arange(512, 1024)
+    cos, sin = model.rotary(positions)
+    ref_cos, ref_sin = RotaryEmbedding(LONG.head_dim, LONG.rope_theta)(positions)
+    assert cos.dtype == torch.float32 and torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+
+
+def test_bf16_logits_at_long_positions_match_fp32_within_bf16_tolerance():
+    """Positions 512-1023 of a bf16 model vs the same weights in fp32. With inv_freq rounded to bf16 (what a
+    plain .to(bfloat16) did before) the error is ~5x larger: 0.058-0.067 relative over 4 seeds vs 0.012-0.013."""
+    model = position_sensitive_model()
+    ids = torch.randint(0, LONG.vocab_size, (1, LONG.max_seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids)[0][0, 512:]
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        logits = bf16(ids)[0][0, 512:]
+        assert relative_error(logits, reference) < 0.025
+        bf16.rotary.inv_freq = model.rotary.inv_freq.bfloat16().float()  # the old behaviour, for contrast
+        assert relative_error(bf16(ids)[0][0, 512:], reference) > 0.04
+
+
+def test_load_for_inference_in_bf16_keeps_rotary_float32(tokenizer_path, tmp_path):
+    from lillm.checkpoint import save_checkpoint
+    from lillm.generate import load_for_inference
+
+    config = ModelConfig(vocab_size=1024, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=1024)
+    save_checkpoint(tmp_path / "ckpt", LilLM(config), tokenizer_path)
+    ckpt = load_for_inference(tmp_path / "ckpt", device="cpu", dtype="bf16")
+    assert ckpt.model.lm_head.weight.dtype == torch.bfloat16
+    assert ckpt.model.rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(ckpt.model.rotary.inv_freq, RotaryEmbedding(config.head_dim, config.rope_theta).inv_freq)
+
+
+@pytest.mark.parametrize("case", ["causal", "padding-mask", "one-token-after-cache"])
+def test_expanded_kv_heads_equal_grouped_attention(case):
+    """The path taken on CUDA for fp32 or masked attention (K/V heads repeated) equals SDPA's enable_gqa path."""
+    g = torch.Generator().manual_seed(0)
+    B, H, H_kv, hd = 2, 8, 2, 16
+    T, T_keys = {"causal": (12, 12), "padding-mask": (12, 12), "one-token-after-cache": (1, 13)}[case]
+    q = torch.randn(B, H, T, hd, generator=g)
+    k, v = torch.randn(B, H_kv, T_keys, hd, generator=g), torch.randn(B, H_kv, T_keys, hd, generator=g)
+    mask = None
+    if case == "padding-mask":
+        causal = torch.ones(T, T_keys, dtype=torch.bool).tril()
+        real = torch.ones(B, T_keys, dtype=torch.bool)
+        real[0, :3] = False  # row 0 is left-padded by 3
+        mask = causal[None, None] & (real[:, None, None, :] | torch.eye(T, T_keys, dtype=torch.bool)[None, None])
+    grouped = grouped_attention(q, k, v, mask, 0.0, expand_kv=False)
+    expanded = grouped_attention(q, k, v, mask, 0.0, expand_kv=True)
+    torch.testing.assert_close(expanded, grouped, atol=1e-6, rtol=1e-5)
+    # the independent reference: explicit softmax over repeated heads
+    kr, vr = k.repeat_interleave(H // H_kv, 1), v.repeat_interleave(H // H_kv, 1)
+    scores = q @ kr.transpose(-2, -1) / hd**0.5
+    if case == "causal":
+        scores = scores.masked_fill(~torch.ones(T, T_keys, dtype=torch.bool).tril(), float("-inf"))
+    elif mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(grouped, scores.softmax(-1) @ vr, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_attention_keeps_grouped_heads():
+    q = torch.zeros(1, 4, 3, 8)
+    assert not needs_expanded_kv(q, None, grouped=True) and not needs_expanded_kv(q, torch.ones(1, 1, 3, 3).bool(), True)
+
+
+def test_decoding_one_token_builds_no_mask_and_matches_the_full_forward():
+    """Unpadded decoding feeds one token per step with no mask at all; its logits equal a full re-run's."""
+    from lillm.model import KVCache
+
+    model = position_sensitive_model()
+    ids = torch.randint(0, LONG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    masks = []
+    original = LilLM._attention_mask
+    LilLM._attention_mask = staticmethod(lambda *a: masks.append(a) or original(*a))
+    try:
+        with torch.no_grad():
+            cache = KVCache(LONG, 1, 40)
+            model(ids[:, :30], cache=cache)
+            steps = [model(ids[:, i : i + 1], cache=cache)[0][0, -1] for i in range(30, 40)]
+    finally:
+        LilLM._attention_mask = original
+    assert masks == []
+    with torch.no_grad():
+        full = model(ids)[0][0, 30:]
+    torch.testing.assert_close(torch.stack(steps), full, atol=1e-4, rtol=1e-4)
