@@ -144,16 +144,15 @@ def _last_logits(model: LilLM, ids: torch.Tensor, cache: KVCache | None, attenti
 
 def _decode_steps(model: LilLM, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, use_cache: bool, budget: int):
     """Yield the (B,) ids chosen at each of up to `budget` steps, for left-padded prompts decoded together.
-    Stops early once every row has produced a stop id. Padding repeats each row's first token: it is masked
-    out, so its value never matters, and it is an id the vocabulary surely has."""
+    The caller reads the ids (its one host sync per token) and stops iterating once every row has stopped.
+    Padding repeats each row's first token: it is masked out, so its value never matters, and it is an id the
+    vocabulary surely has."""
     device = next(model.parameters()).device
     longest = max(len(p) for p in prompts)
     tokens = torch.tensor([[p[0]] * (longest - len(p)) + list(p) for p in prompts], device=device)
     is_real = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts], device=device)
-    padded = not bool(is_real.all())
+    padded = any(len(p) < longest for p in prompts)  # from Python lengths, not a device read
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    stop_ids = torch.tensor(cfg.checked_stop_ids(), dtype=torch.long, device=device)
-    stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     cache = None
     if use_cache:
         dtype = next(model.parameters()).dtype
@@ -162,14 +161,12 @@ def _decode_steps(model: LilLM, prompts: Sequence[Sequence[int]], cfg: SamplingC
     step_input = tokens  # the cache path feeds the whole prompt once, then only the newest token
     for _ in range(budget):
         logits = _last_logits(model, step_input if use_cache else tokens, cache, is_real if padded else None)
-        # Padding is replaced by the row's newest token (already present) so it never counts as "seen".
-        seen = torch.where(is_real, tokens, tokens[:, -1:])
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        if cfg.repetition_penalty != 1.0:
+            # Padding is replaced by the row's newest token (already present) so it never counts as "seen".
+            seen = torch.where(is_real, tokens, tokens[:, -1:])
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         next_ids = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         yield next_ids
-        stopped |= torch.isin(next_ids, stop_ids)
-        if bool(stopped.all()):
-            return
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         is_real = torch.cat([is_real, torch.ones_like(next_ids[:, None], dtype=torch.bool)], dim=1)
         step_input = next_ids[:, None]
@@ -227,6 +224,8 @@ def generate_batch(model: LilLM, prompts: Sequence[Sequence[int]], cfg: Sampling
             done[row] = done[row] or token in stop_ids
             if not done[row]:
                 outputs[row].append(token)
+        if all(done):
+            break
     return outputs
 
 
