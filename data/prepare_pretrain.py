@@ -14,37 +14,16 @@ meta.json with the counts, the dtype and the tokenizer's SHA-256 (pretrain.py ch
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
-import json
 import sys
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tqdm.auto import tqdm  # noqa: E402
-
 from lillm.corpus import check_files, hub_documents, read_documents  # noqa: E402
-from lillm.data import META_FILE, TOKENIZER_FILE, ShardWriter, file_sha256, shard_dtype  # noqa: E402
+from lillm.data import build_shards  # noqa: E402
 from lillm.paths import default_data_file  # noqa: E402
-from lillm.tokenizer import atomic_write_text, load_tokenizer, special_tokens  # noqa: E402
-
-
-def tokenize_into(docs: Iterable[str], tokenizer, pick: Callable[[str], ShardWriter], batch_docs: int, desc: str) -> None:
-    """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores) and append each one, then
-    EOS, to the shard pick(document) chooses."""
-    docs, eos = iter(docs), special_tokens(tokenizer).eos
-    with tqdm(desc=desc, unit=" docs", dynamic_ncols=True) as bar:
-        while batch := list(itertools.islice(docs, batch_docs)):
-            for doc, encoding in zip(batch, tokenizer.encode_batch(batch)):
-                pick(doc).write([*encoding.ids, eos], text_bytes=len(doc.encode("utf-8")))
-            bar.update(len(batch))
-
-
-def is_val_document(doc: str, val_fraction: float) -> bool:
-    """A stable, content-based split: the same document lands on the same side on every run."""
-    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) < val_fraction * 16**8
+from lillm.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch_docs", type=int, default=1024, help="documents per encode_batch call")
     args = p.parse_args(argv)
 
-    writers: dict[str, ShardWriter] = {}
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        load_tokenizer(args.tokenizer)  # a bad tokenizer fails before any document is read
         if not 0 <= args.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
         if args.val_fraction and (args.val_file or args.val_split):
@@ -86,48 +64,13 @@ def main(argv: list[str] | None = None) -> None:
             val_docs = read_documents(val_files, args.text_field) if val_files else None
         if val_docs is None and not args.val_fraction:
             raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
-
-        dtype = shard_dtype(tokenizer.get_vocab_size())
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        writers = {name: ShardWriter(args.out_dir / f"{name}.bin", dtype) for name in ("train", "val")}
-        if val_docs is None:  # one pass over the (possibly streamed) inputs, each document routed by its hash
-            def route(doc: str) -> ShardWriter:
-                return writers["val" if is_val_document(doc, args.val_fraction) else "train"]
-
-            tokenize_into(train_docs, tokenizer, route, args.batch_docs, desc="train.bin + val.bin")
-        else:
-            tokenize_into(train_docs, tokenizer, lambda _: writers["train"], args.batch_docs, desc="train.bin")
-            tokenize_into(val_docs, tokenizer, lambda _: writers["val"], args.batch_docs, desc="val.bin")
-        for name, writer in writers.items():
-            if writer.tokens == 0:
-                raise ValueError(f"the {name} corpus is empty: no non-blank document was found")
+        meta = build_shards(train_docs, args.tokenizer, args.out_dir, val_docs, args.val_fraction, sources, args.batch_docs)
     except (ValueError, FileNotFoundError) as e:
-        for writer in writers.values():
-            writer.discard()
         print(f"prepare_pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-
-    # Both shards are complete: swap them in, then the tokenizer and meta.json (pretrain.py checks the token
-    # counts against meta.json, so a crash between these renames is detected, never silently trained on).
-    for writer in writers.values():
-        writer.commit()
-    if args.tokenizer.resolve() != (args.out_dir / TOKENIZER_FILE).resolve():
-        atomic_write_text(args.out_dir / TOKENIZER_FILE, args.tokenizer.read_text(encoding="utf-8"))
-    train, val = writers["train"], writers["val"]
-    meta = {
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "tokenizer_sha256": file_sha256(args.out_dir / TOKENIZER_FILE),
-        "source": sources,
-        "train_tokens": train.tokens,
-        "train_bytes": train.text_bytes,
-        "val_tokens": val.tokens,
-        "val_bytes": val.text_bytes,
-    }
-    atomic_write_text(args.out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
     print(
-        f"wrote {args.out_dir}: train {train.tokens:,} tokens, val {val.tokens:,} tokens "
-        f"({dtype.name}, vocab {meta['vocab_size']}, {val.text_bytes / val.tokens:.2f} bytes/token on val)"
+        f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
+        f"({meta['dtype']}, vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} bytes/token on val)"
     )
 
 

@@ -7,6 +7,7 @@ exactly the documents that the token shards are made of, and bad input gets the 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -100,3 +101,16 @@ def hub_documents(
         text = record_text(row, text_field, f"{name}[{split}] row {i}", chat_messages)
         if text.strip():
             yield text
+
+
+def text_slice(path: str | Path, n_chars: int) -> str:
+    """The first n_chars characters of a .txt corpus, cut back to the last document boundary (blank line), so
+    a small experiment gets whole documents. Reads only what it returns."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read(n_chars)
+    return text[: text.rfind("\n\n")] if "\n\n" in text else text
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a text, separated by blank lines and stripped: the rule read_txt applies to a file."""
+    return [doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip()]

@@ -14,13 +14,18 @@ the sequences of one process with N*A accumulation steps of B, or of one big bat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from lillm.fileio import atomic_write_text
+from lillm.tokenizer import load_tokenizer, special_tokens
 
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -130,3 +135,92 @@ def sample_batch(
     windows = np.stack([shard[s : s + seq_len + 1] for s in starts]).astype(np.int64)
     batch = torch.from_numpy(windows)
     return batch[:, :-1], batch[:, 1:]
+
+
+def random_windows(tokens: torch.Tensor, n: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random windows of seq_len + 1 tokens of an in-memory 1-D tensor -> (inputs, targets), each (n, seq_len).
+    For small experiments on a tensor (the chapters' byte-level models); shards on disk use sample_batch."""
+    starts = torch.randint(0, len(tokens) - seq_len, (n,), generator=generator)
+    rows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+# ---------------------------------------------------------------------------------------------- building shards
+
+
+def tokenize_into(
+    docs: Iterable[str], tokenizer, pick: Callable[[str], ShardWriter], batch_docs: int, desc: str, progress: bool = True
+) -> None:
+    """Tokenize documents in batches (the Rust tokenizer encodes a batch on all cores) and append each one, then
+    EOS, to the shard pick(document) chooses."""
+    from tqdm.auto import tqdm
+
+    docs, eos = iter(docs), special_tokens(tokenizer).eos
+    with tqdm(desc=desc, unit=" docs", dynamic_ncols=True, disable=not progress) as bar:
+        while batch := list(itertools.islice(docs, batch_docs)):
+            for doc, encoding in zip(batch, tokenizer.encode_batch(batch)):
+                pick(doc).write([*encoding.ids, eos], text_bytes=len(doc.encode("utf-8")))
+            bar.update(len(batch))
+
+
+def is_val_document(doc: str, val_fraction: float) -> bool:
+    """A stable, content-based split: the same document lands on the same side on every run."""
+    return int(hashlib.sha1(doc.encode("utf-8")).hexdigest()[:8], 16) < val_fraction * 16**8
+
+
+def build_shards(
+    train_docs: Iterable[str],
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    val_docs: Iterable[str] | None = None,
+    val_fraction: float = 0.0,
+    sources: Sequence[str] = (),
+    batch_docs: int = 1024,
+    progress: bool = True,
+) -> dict:
+    """Tokenize documents into OUT_DIR/train.bin and val.bin, copy the tokenizer there and write meta.json;
+    return the metadata. Validation documents are val_docs, or else the val_fraction of train_docs that
+    is_val_document picks (one pass, so the inputs may be a stream). Nothing is renamed into place until both
+    shards are complete: on an error (ValueError for an empty corpus) the temporary files are removed."""
+    tokenizer_path, out_dir = Path(tokenizer_path), Path(out_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if val_docs is None and not 0 < val_fraction < 1:
+        raise ValueError(f"no validation data: give val_docs or a val_fraction in (0, 1), got {val_fraction}")
+    dtype = shard_dtype(tokenizer.get_vocab_size())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers = {name: ShardWriter(out_dir / f"{name}.bin", dtype) for name in ("train", "val")}
+    try:
+        if val_docs is None:
+            def route(doc: str) -> ShardWriter:
+                return writers["val" if is_val_document(doc, val_fraction) else "train"]
+
+            tokenize_into(train_docs, tokenizer, route, batch_docs, "train.bin + val.bin", progress)
+        else:
+            tokenize_into(train_docs, tokenizer, lambda _: writers["train"], batch_docs, "train.bin", progress)
+            tokenize_into(val_docs, tokenizer, lambda _: writers["val"], batch_docs, "val.bin", progress)
+        for name, writer in writers.items():
+            if writer.tokens == 0:
+                raise ValueError(f"the {name} corpus is empty: no non-blank document was found")
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    # Both shards are complete: swap them in, then the tokenizer and meta.json (open_shards checks the token
+    # counts against meta.json, so a crash between these renames is detected, never silently trained on).
+    for writer in writers.values():
+        writer.commit()
+    if tokenizer_path.resolve() != (out_dir / TOKENIZER_FILE).resolve():
+        atomic_write_text(out_dir / TOKENIZER_FILE, tokenizer_path.read_text(encoding="utf-8"))
+    train, val = writers["train"], writers["val"]
+    meta = {
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": file_sha256(out_dir / TOKENIZER_FILE),
+        "source": list(sources),
+        "train_tokens": train.tokens,
+        "train_bytes": train.text_bytes,
+        "val_tokens": val.tokens,
+        "val_bytes": val.text_bytes,
+    }
+    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return meta

@@ -49,26 +49,18 @@ def tokenizer_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return path
 
 
-def write_text_slice(source: Path, target: Path, n_chars: int) -> Path:
-    """The first n_chars of a corpus file, cut at a document boundary."""
-    text = source.read_text(encoding="utf-8")[:n_chars]
-    target.write_text(text[: text.rfind("\n\n")], encoding="utf-8")
-    return target
-
-
 @pytest.fixture(scope="session")
 def shards_dir(data_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Token shards of ~400 KB of TinyStories train and ~100 KB of val, made by data/prepare_pretrain.py."""
-    import importlib.util
+    """Token shards of ~400 KB of TinyStories train and ~100 KB of val, made by lillm.data.build_shards (the
+    function data/prepare_pretrain.py calls)."""
+    from lillm.corpus import split_documents, text_slice
+    from lillm.data import build_shards
 
-    root = tmp_path_factory.mktemp("shards")
-    train = write_text_slice(data_dir / "pretrain_tinystories_train.txt", root / "train.txt", 400_000)
-    val = write_text_slice(data_dir / "pretrain_tinystories_val.txt", root / "val.txt", 100_000)
-    spec = importlib.util.spec_from_file_location("prepare_pretrain", REPO_ROOT / "data" / "prepare_pretrain.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    prepare.main([str(train), "--val_file", str(val), "--tokenizer", str(tokenizer_path), "--out_dir", str(root / "shards")])
-    return root / "shards"
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    train = split_documents(text_slice(data_dir / "pretrain_tinystories_train.txt", 400_000))
+    val = split_documents(text_slice(data_dir / "pretrain_tinystories_val.txt", 100_000))
+    build_shards(train, tokenizer_path, out, val_docs=val, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
