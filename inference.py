@@ -11,8 +11,10 @@ Speed and the reason generation stopped are printed to stderr after each reply.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
+from lillm import cli
 from lillm.checkpoint import Checkpoint
 from lillm.generate import (
     GenerationStats,
@@ -27,12 +29,12 @@ from lillm.tokenizer import encode_ordinary, special_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder from pretrain.py or sft_train.py")
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--prompt", help="text to continue (base completion), streamed to stdout")
+    mode.add_argument("--prompt", type=cli.text, help="text to continue (base completion), streamed to stdout")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat reading stdin")
-    p.add_argument("--system", help="system message for --chat (default: the one used in fine-tuning)")
+    p.add_argument("--system", type=cli.text, help="system message for --chat (default: the one used in fine-tuning)")
     defaults = SamplingConfig()
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty, help="1.0 = off")
     p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--seed", type=int, help="fix the sampling randomness")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
     p.add_argument("--no_cache", action="store_true", help="re-run the whole sequence every step (slow; to compare)")
     return p.parse_args(argv)
@@ -79,9 +81,15 @@ def chat(ckpt: Checkpoint, system: str | None, cfg: SamplingConfig, use_cache: b
         print("note: this is a base checkpoint, not chat-tuned: expect it to ramble", file=sys.stderr)
     print("chat: /reset starts over, /exit quits", file=sys.stderr)
     messages: list[dict] = []
-    while True:
+    for line_no in itertools.count(1):
         print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
+        raw = sys.stdin.buffer.readline()  # bytes: a line that is not UTF-8 is refused, not a crash
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            print(f"error: input line {line_no} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at {e.start}); "
+                  "type it again", file=sys.stderr, flush=True)
+            continue
         if not line or line.strip() == "/exit":  # "" is EOF
             print(flush=True)
             return
@@ -104,15 +112,12 @@ def chat(ckpt: Checkpoint, system: str | None, cfg: SamplingConfig, use_cache: b
             messages.append({"role": "assistant", "content": reply})
 
 
+@cli.error_boundary("inference.py")  # a bad flag value or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = sampling_config(args)
-        ckpt = load_for_inference(args.checkpoint, args.device, args.dtype)
-        cfg = cfg.with_stops(ckpt.tokenizer)
-    except (ValueError, RuntimeError, AssertionError) as e:  # bad flag values or checkpoint, unknown device
-        print(f"inference.py: error: {e}", file=sys.stderr)
-        return 2
+    cfg = sampling_config(args)
+    ckpt = load_for_inference(args.checkpoint, args.device, args.dtype)
+    cfg = cfg.with_stops(ckpt.tokenizer)
     try:
         if args.prompt is not None:
             complete(ckpt, args.prompt, cfg, not args.no_cache)

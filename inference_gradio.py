@@ -11,12 +11,13 @@ At most --concurrency replies are generated at once; further requests wait in th
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 
 import gradio as gr
 
+from lillm import cli
 from lillm.generate import (
+    GenerationError,
     GenerationStats,
     SamplingConfig,
     chat_prompt_ids,
@@ -81,6 +82,9 @@ def build_demo(
     def respond(message: str, history: list[dict], system: str, temperature: float, top_k: float, top_p: float,
                 max_new_tokens: float) -> Iterator[tuple[str, str]]:
         """Yield (reply so far, speed line) after every decoded piece of text."""
+        if not message.strip():
+            yield f"{NOTICE_START}is empty; type something to chat about.", ""
+            return
         if len(message) > max_prompt_chars:
             yield (f"{NOTICE_START}is {len(message):,} characters long; this demo accepts at most "
                    f"{max_prompt_chars:,}. Please shorten it."), ""
@@ -89,14 +93,18 @@ def build_demo(
         messages = [*history_to_messages(history), {"role": "user", "content": message}]
         try:
             prompt = chat_prompt_ids(ckpt.model, ckpt.tokenizer, messages, cfg, system.strip() or None)
-        except ValueError as e:  # even alone, the message leaves no room for a reply in the context
+        except ValueError as e:  # (the message is not empty:) even alone, it leaves no room for a reply
             yield f"{NOTICE_START}does not fit in the model's context: {e}.", ""
             return
         stats = GenerationStats()
         reply = ""
-        for piece in stream_text(ckpt.tokenizer, generate_ids(ckpt.model, prompt, cfg.with_stops(ckpt.tokenizer), stats=stats)):
-            reply += piece
-            yield reply, speed(stats)
+        try:
+            for piece in stream_text(ckpt.tokenizer, generate_ids(ckpt.model, prompt, cfg.with_stops(ckpt.tokenizer), stats=stats)):
+                reply += piece
+                yield reply, speed(stats)
+        except GenerationError as e:  # e.g. NaN weights: say so in one line instead of a stack trace in the UI
+            yield f"{NOTICE_START}could not be answered: {e}.", ""
+            return
         yield reply, speed(stats)
 
     max_tokens = ckpt.config.max_seq_len // 2  # chat_prompt_ids keeps at most half the context for the reply
@@ -125,25 +133,23 @@ def build_demo(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder from pretrain.py or sft_train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=cli.port, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--concurrency", type=int, default=2, help="replies generated at once; the rest wait in line")
-    p.add_argument("--max_prompt_chars", type=int, default=2000, help="longer messages get a polite refusal")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
+    p.add_argument("--concurrency", type=cli.positive_int, default=2, help="replies generated at once; the rest wait in line")
+    p.add_argument("--max_prompt_chars", type=cli.positive_int, default=2000, help="longer messages get a polite refusal")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
     return p.parse_args(argv)
 
 
+@cli.error_boundary("inference_gradio.py")  # a bad flag value, checkpoint or port: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        demo = build_demo(args.checkpoint, args.device, args.dtype, args.max_prompt_chars, args.concurrency)
-    except (ValueError, RuntimeError, AssertionError) as e:  # bad checkpoint or flag values, unknown device
-        print(f"inference_gradio.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cli.check_port_free(args.host, args.port)  # before the model loads, not after
+    demo = build_demo(args.checkpoint, args.device, args.dtype, args.max_prompt_chars, args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

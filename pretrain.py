@@ -14,13 +14,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from lillm.checkpoint import load_config, load_trainer_state, resolve, save_checkpoint
+from lillm import cli
+from lillm.checkpoint import (
+    TRAINER_STATE_SCHEMA,
+    check_optimizer_state,
+    check_out_dir,
+    check_same_tokenizer,
+    load_checkpoint,
+    load_config,
+    load_trainer_state,
+    resolve,
+    save_checkpoint,
+)
 from lillm.data import DataError, file_sha256, open_shards, sample_batch
 from lillm.flops import count_parameters, flops_per_token, peak_flops
 from lillm.model import LilLM, ModelConfig
@@ -31,6 +41,7 @@ from lillm.train import (
     all_reduce_sum,
     cleanup_distributed,
     fit,
+    make_optimizer,
     resolve_dtype,
     restore_rng_state,
     rng_state,
@@ -53,16 +64,18 @@ PRESETS: dict[str, dict] = {
                  eval_interval=500, ckpt_interval=1000),
 }
 MODEL_FIELDS = [f for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+STATE_SCHEMA = {**TRAINER_STATE_SCHEMA, "data": {"seed": int, "next_step": int}}  # what --resume reads
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--data_dir", type=Path, default=Path("data/tinystories"), help="shards from data/prepare_pretrain.py")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the one saved with the shards)")
-    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/base"), help="checkpoint folder")
-    p.add_argument("--log_dir", type=Path, help="metrics folder (default: runs/<out_dir name>)")
+    p.add_argument("--out_dir", type=cli.output_dir, default=Path("checkpoints/base"), help="checkpoint folder")
+    p.add_argument("--log_dir", type=cli.output_dir, help="metrics folder (default: runs/<out_dir name>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out_dir (refused otherwise)")
     model = p.add_argument_group("model (override the preset)")
     model.add_argument("--vocab_size", type=int, help="default: the tokenizer's vocabulary size")
     for f in MODEL_FIELDS:
@@ -86,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--ckpt_interval", type=int)
     train.add_argument("--log_interval", type=int, default=10)
     train.add_argument("--seed", type=int, default=1337)
-    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
@@ -105,14 +118,12 @@ def model_config(args: argparse.Namespace, tokenizer_vocab: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **given)
 
 
+@cli.error_boundary("pretrain.py")  # bad flags, shards or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed(args.device)
     try:
         run(args, info)
-    except (ValueError, FileNotFoundError) as e:  # DataError and CheckpointError are ValueErrors
-        print(f"pretrain.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
         cleanup_distributed()
 
@@ -121,16 +132,21 @@ def run(args: argparse.Namespace, info) -> None:
     for name in ("batch_size", "grad_accum", "eval_interval", "eval_batches", "ckpt_interval", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    check_out_dir(args.out_dir, args.resume, args.overwrite)
     set_seed(args.seed)
     config = state = None
     if args.resume:
         resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
-        config, state = load_config(resume_dir), load_trainer_state(resume_dir)
+        config, state = load_config(resume_dir), load_trainer_state(resume_dir, STATE_SCHEMA)
+        if state["data"]["seed"] != args.seed:
+            raise ValueError(f"{args.out_dir} was trained with --seed {state['data']['seed']}; resume with the same seed")
     shards = open_shards(args.data_dir, config.max_seq_len if config else args.max_seq_len)
     tokenizer_path = args.tokenizer or args.data_dir / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_path)
     if file_sha256(tokenizer_path) != shards.meta["tokenizer_sha256"]:
         raise DataError(f"{tokenizer_path} is not the tokenizer the shards in {args.data_dir} were made with (SHA-256 differs)")
+    if state is not None:
+        check_same_tokenizer(resume_dir, shards.meta["tokenizer_sha256"], f"the shards in {args.data_dir}")
     config = config or model_config(args, tokenizer.get_vocab_size())
     if config.vocab_size < shards.meta["vocab_size"]:
         raise ValueError(f"model vocab_size {config.vocab_size} is smaller than the shards' tokenizer ({shards.meta['vocab_size']})")
@@ -140,16 +156,13 @@ def run(args: argparse.Namespace, info) -> None:
         raise ValueError(f"--max_steps must be at least 1, got {args.max_steps}")
 
     dtype = resolve_dtype(args.dtype, info.device)
-    model = LilLM(config).to(info.device)
+    # Resuming, the weights come through the one strict load path (names, shapes, tokenizer all checked).
+    model = load_checkpoint(resume_dir, info.device).model.train() if state is not None else LilLM(config).to(info.device)
     model.gradient_checkpointing = args.grad_checkpointing
     start_step, optimizer_state = 0, None
     if state is not None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(resume_dir / "model.safetensors"), strict=False, device=str(info.device))
+        check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         start_step, optimizer_state = state["step"], state["optimizer"]
-        if state["data"]["seed"] != args.seed:
-            raise ValueError(f"{args.out_dir} was trained with --seed {state['data']['seed']}; resume with the same seed")
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")

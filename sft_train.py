@@ -16,14 +16,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from lillm import cli
 from lillm.chat import CHAT_TEMPLATE_VERSION, DEFAULT_SYSTEM_PROMPT, render
-from lillm.checkpoint import load_checkpoint, load_trainer_state, resolve, save_checkpoint
+from lillm.checkpoint import (
+    TRAINER_STATE_SCHEMA,
+    CheckpointError,
+    check_optimizer_state,
+    check_out_dir,
+    check_same_tokenizer,
+    load_checkpoint,
+    load_trainer_state,
+    resolve,
+    save_checkpoint,
+)
+from lillm.data import file_sha256
 from lillm.flops import flops_per_token, peak_flops
 from lillm.generate import SamplingConfig, generate_batch
 from lillm.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
@@ -46,6 +57,7 @@ from lillm.train import (
     all_reduce_sum,
     cleanup_distributed,
     fit,
+    make_optimizer,
     resolve_dtype,
     restore_rng_state,
     rng_state,
@@ -54,12 +66,16 @@ from lillm.train import (
 )
 
 
+STATE_SCHEMA = {**TRAINER_STATE_SCHEMA, "train_conversations": int, "seed": int}  # what --resume reads
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="pretrained checkpoint folder (from pretrain.py)")
-    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/sft"), help="checkpoint folder to write")
-    p.add_argument("--log_dir", type=Path, help="metrics folder (default: runs/<out_dir name>)")
+    p.add_argument("--out_dir", type=cli.output_dir, default=Path("checkpoints/sft"), help="checkpoint folder to write")
+    p.add_argument("--log_dir", type=cli.output_dir, help="metrics folder (default: runs/<out_dir name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (same --init and data)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out_dir (refused otherwise)")
     data = p.add_argument_group("data")
     data.add_argument("--train_file", type=Path, help="chat jsonl (default: ../shared/data/chat_train.jsonl)")
     data.add_argument("--val_file", type=Path, help="held-out chat jsonl (default: ../shared/data/chat_val.jsonl)")
@@ -73,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_seq_len", type=int, help="context for training (default and maximum: the model's)")
     data.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
                       help="conversations longer than the context: keep the leading turns that fit, or skip them")
-    data.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT,
+    data.add_argument("--system", type=cli.text, default=DEFAULT_SYSTEM_PROMPT,
                       help="system message for conversations without one ('' for none); saved in meta.json")
     data.add_argument("--train_on_inputs", action="store_true", help="loss on every token, not only the assistant's")
     train = p.add_argument_group("training")
@@ -89,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--ckpt_interval", type=int, default=100)
     train.add_argument("--log_interval", type=int, default=10)
     train.add_argument("--seed", type=int, default=1337)
-    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     lora = p.add_argument_group("LoRA")
@@ -144,15 +160,19 @@ Prompt = tuple[str, list[int]]  # (the user's text, the rendered prompt ids)
 def held_out_prompts(
     tokenizer, source: Source, n: int, max_new_tokens: int, max_seq_len: int, system: str | None
 ) -> list[Prompt]:
-    """The first n held-out first user turns, rendered with the generation prompt, that leave max_new_tokens of
-    room in the context: (user text, prompt ids)."""
+    """The first n held-out conversations' openings (their messages up to and including the first user turn,
+    so a leading system message stays with it), rendered with the generation prompt, that leave max_new_tokens
+    of room in the context: (user text, prompt ids)."""
     prompts = []
     for _, messages in source:
         if len(prompts) == n:
             break
-        prompt = render(tokenizer, messages[:1], add_generation_prompt=True, system=system)[0]
+        first_user = next((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), None)
+        if first_user is None:
+            continue
+        prompt = render(tokenizer, messages[: first_user + 1], add_generation_prompt=True, system=system)[0]
         if len(prompt) + max_new_tokens <= max_seq_len:
-            prompts.append((messages[0]["content"], prompt))
+            prompts.append((messages[first_user]["content"], prompt))
     if not prompts:
         raise ValueError(
             f"no held-out prompt leaves room for a {max_new_tokens}-token reply in {max_seq_len} tokens; "
@@ -164,10 +184,28 @@ def held_out_prompts(
 def im_end_rate(model: LilLM, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> tuple[float, list[dict]]:
     """Fraction of greedy replies that end with <|im_end|> within max_new_tokens, and every reply."""
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(special_tokens(tokenizer).im_end,))
-    replies = generate_batch(model, [prompt for _, prompt in prompts], cfg)  # stop ids are cut off the replies,
-    ended = [len(reply) < max_new_tokens for reply in replies]  # so a reply that stopped is shorter than the budget
+    replies = generate_batch(model, [prompt for _, prompt in prompts], cfg)  # stop ids are cut off the replies
+    # Every row that never stops gets exactly `budget` tokens: the reply budget, or less where the context window
+    # ends first. Only a reply shorter than that stopped at <|im_end|>; one cut by the window did not end.
+    budget = min(max_new_tokens, model.config.max_seq_len - max(len(prompt) for _, prompt in prompts))
+    ended = [len(reply) < budget for reply in replies]
     examples = [{"user": user, "reply": tokenizer.decode(r), "ended": e} for (user, _), r, e in zip(prompts, replies, ended)]
     return sum(ended) / len(ended), examples
+
+
+def load_adapters(model: LilLM, saved, path) -> None:
+    """Put saved LoRA adapters into `model`, refusing a missing, extra or misshapen adapter (load_state_dict
+    with strict=False would leave a missing one at its initial value without a word)."""
+    expected = lora_state_dict(model)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: 'lora' must be a dict of adapter tensors, got {type(saved).__name__}; the file is damaged")
+    wrong = sorted(set(expected) ^ set(saved)) or [
+        name for name, t in expected.items() if not isinstance(saved[name], torch.Tensor) or saved[name].shape != t.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: the saved LoRA adapters do not fit this model ({wrong[:3]}); "
+                              "resume with the same --lora_rank and --lora_targets")
+    model.load_state_dict(saved, strict=False)  # strict=False: only the adapters, checked above
 
 
 def trained_tokens(train: SFTDataset, args: argparse.Namespace, chunks: int, start_step: int) -> int:
@@ -180,20 +218,19 @@ def trained_tokens(train: SFTDataset, args: argparse.Namespace, chunks: int, sta
     )
 
 
+@cli.error_boundary("sft_train.py")  # bad flags, data or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed(args.device)
     try:
         run(args, info)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"sft_train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
         cleanup_distributed()
 
 
 def run(args: argparse.Namespace, info) -> None:
     check_args(args)
+    check_out_dir(args.out_dir, args.resume, args.overwrite)
     set_seed(args.seed)
     base = load_checkpoint(args.init, device=info.device)
     model, tokenizer, config = base.model, base.tokenizer, base.config
@@ -201,6 +238,16 @@ def run(args: argparse.Namespace, info) -> None:
     seq_len = args.max_seq_len or config.max_seq_len
     if not 1 < seq_len <= config.max_seq_len:
         raise ValueError(f"--max_seq_len {seq_len} must be in 2..{config.max_seq_len} (the context of {args.init})")
+    state = resumed = None
+    if args.resume:  # everything the resume reads is checked before any data is read or any step is taken
+        resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
+        state = load_trainer_state(resume_dir, STATE_SCHEMA)
+        if state["seed"] != args.seed:
+            raise ValueError(f"{args.out_dir} was trained with --seed {state['seed']}; resume with the same seed")
+        check_same_tokenizer(resume_dir, file_sha256(tokenizer_path), f"--init {args.init}")
+        resumed = load_checkpoint(resume_dir, device=info.device)
+        if resumed.config != config:
+            raise CheckpointError(f"checkpoint {resume_dir} is not a fine-tune of --init {args.init} (model configs differ)")
     system = args.system or None
     reply_budget = args.sample_max_tokens or min(128, seq_len // 2)
     prompts = []  # chosen first, so a bad --sample_max_tokens fails before any work
@@ -224,15 +271,14 @@ def run(args: argparse.Namespace, info) -> None:
     model.gradient_checkpointing = args.grad_checkpointing
 
     start_step, optimizer_state = 0, None
-    if args.resume:
-        resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
-        state = load_trainer_state(resume_dir)
-        if state.get("train_conversations") != len(train) or ("lora" in state) != bool(args.lora_rank):
+    if state is not None:
+        if state["train_conversations"] != len(train) or ("lora" in state) != bool(args.lora_rank):
             raise ValueError(f"{args.out_dir} was made with other data or LoRA settings; resume with the same flags")
-        if args.lora_rank:
-            model.load_state_dict(state["lora"], strict=False)  # the adapters; the frozen base comes from --init
+        if args.lora_rank:  # the adapters; the frozen base comes from --init
+            load_adapters(model, state["lora"], resume_dir / "trainer_state.pt")
         else:
-            model.load_state_dict(load_checkpoint(resume_dir, device=info.device).model.state_dict())
+            model.load_state_dict(resumed.model.state_dict())
+        check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         start_step, optimizer_state = state["step"], state["optimizer"]
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:
@@ -256,7 +302,8 @@ def run(args: argparse.Namespace, info) -> None:
         if not info.is_main:
             return
         plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "train_conversations": len(train)}
+        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "train_conversations": len(train),
+                 "seed": args.seed}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)
         meta = {

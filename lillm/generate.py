@@ -77,6 +77,10 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
 
 
+class GenerationError(ValueError):
+    """The model cannot be sampled from (its logits are NaN or infinite): reported in one line, not a torch crash."""
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy

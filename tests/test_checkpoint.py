@@ -23,7 +23,7 @@ def test_round_trip_is_exact(tmp_path, tokenizer_path, tie_embeddings):
         assert torch.equal(a, b), name
     if tie_embeddings:
         assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight
-    restored = load_trainer_state(tmp_path / "ckpt")
+    restored = load_trainer_state(tmp_path / "ckpt", schema={"step": int, "rng": torch.Tensor})
     assert restored["step"] == 7 and torch.equal(restored["rng"], state["rng"])
     assert loaded.tokenizer.get_vocab_size() == 1024
 
@@ -34,7 +34,7 @@ def test_broken_checkpoints_fail_clearly(tmp_path, tokenizer_path):
     model = LilLM(ModelConfig(vocab_size=1024, dim=32, n_layers=1, n_heads=2, n_kv_heads=1))
     ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer_path)
     (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="cannot read model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged .*truncated"):
         load_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps({**model.config.to_dict(), "vocab_size": 500}))
     with pytest.raises(CheckpointError, match="tokenizer has 1024 tokens but the model's vocab_size is 500"):
@@ -80,7 +80,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, toke
     monkeypatch.undo()
 
     loaded = load_checkpoint(target)  # falls back to ckpt.old when the crash hit between the renames
-    assert loaded.meta == {"step": 1} and load_trainer_state(target)["step"] == 1
+    assert loaded.meta == {"step": 1} and load_trainer_state(target, schema={"step": int})["step"] == 1
     for name, tensor in old.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
     save_checkpoint(target, new, tokenizer_path, meta={"step": 2})  # and the next save still works

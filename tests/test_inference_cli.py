@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lillm.checkpoint import load_checkpoint
 from lillm.generate import SamplingConfig, generate_ids, stream_text
 from lillm.tokenizer import encode_ordinary
@@ -60,6 +62,8 @@ def test_errors_are_one_line_and_exit_2(repo_root, base_checkpoint, tmp_path, ca
         (["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     ):
-        assert inference.main(["--checkpoint", str(base_checkpoint), "--prompt", "hi", *args]) == 2
+        with pytest.raises(SystemExit) as exit_info:
+            inference.main(["--checkpoint", str(base_checkpoint), "--prompt", "hi", *args])
         err = capsys.readouterr().err
+        assert exit_info.value.code == 2
         assert err.startswith("inference.py: error: ") and message in err and err.count("\n") == 1
