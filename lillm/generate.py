@@ -81,6 +81,16 @@ class GenerationError(ValueError):
     """The model cannot be sampled from (its logits are NaN or infinite): reported in one line, not a torch crash."""
 
 
+BAD_LOGITS = -1  # the id _decode_steps yields for a row whose logits are not finite
+
+
+def _check_token(token: int) -> int:
+    if token == BAD_LOGITS:
+        raise GenerationError("the model's logits are NaN or infinite: its weights are damaged (NaN/inf in "
+                              "model.safetensors) or overflow in this dtype; check the checkpoint or try --dtype fp32")
+    return token
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 0.8  # 0 = greedy
@@ -169,7 +179,11 @@ def _decode_steps(model: LilLM, prompts: Sequence[Sequence[int]], cfg: SamplingC
             # Padding is replaced by the row's newest token (already present) so it never counts as "seen".
             seen = torch.where(is_real, tokens, tokens[:, -1:])
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        next_ids = sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        # NaN/inf logits (damaged weights, overflow) would crash torch.multinomial or make argmax pick garbage:
+        # such a row yields BAD_LOGITS instead, found when the caller reads the ids (no extra host sync).
+        finite = torch.isfinite(logits).all(dim=-1)
+        next_ids = sample_next(torch.where(finite[:, None], logits, 0.0), cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        next_ids = torch.where(finite, next_ids, BAD_LOGITS)
         yield next_ids
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         is_real = torch.cat([is_real, torch.ones_like(next_ids[:, None], dtype=torch.bool)], dim=1)
@@ -204,7 +218,7 @@ def generate_ids(
     stats.prompt_tokens, stats.new_tokens, stats.stop_reason = len(prompt), 0, None
     for next_ids in _decode_steps(model, [prompt], cfg, use_cache, budget):
         stats.seconds = time.perf_counter() - start
-        token = int(next_ids[0])
+        token = _check_token(int(next_ids[0]))
         if token in stop_ids:
             stats.stop_reason = "stop"
             return
@@ -225,7 +239,7 @@ def generate_batch(model: LilLM, prompts: Sequence[Sequence[int]], cfg: Sampling
     done = [False] * len(prompts)
     for next_ids in _decode_steps(model, prompts, cfg, use_cache=True, budget=budget):
         for row, token in enumerate(next_ids.tolist()):
-            done[row] = done[row] or token in stop_ids
+            done[row] = done[row] or _check_token(token) in stop_ids
             if not done[row]:
                 outputs[row].append(token)
         if all(done):
