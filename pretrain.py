@@ -32,6 +32,7 @@ from lillm.checkpoint import (
     save_checkpoint,
 )
 from lillm.data import DataError, file_sha256, open_shards, sample_batch
+from lillm.devices import resolve_dtype
 from lillm.flops import count_parameters, flops_per_token, peak_flops
 from lillm.model import LilLM, ModelConfig
 from lillm.tokenizer import load_tokenizer
@@ -42,7 +43,6 @@ from lillm.train import (
     cleanup_distributed,
     fit,
     make_optimizer,
-    resolve_dtype,
     restore_rng_state,
     rng_state,
     set_seed,

@@ -35,6 +35,7 @@ from lillm.checkpoint import (
     save_checkpoint,
 )
 from lillm.data import file_sha256
+from lillm.devices import resolve_dtype
 from lillm.flops import flops_per_token, peak_flops
 from lillm.generate import SamplingConfig, generate_batch
 from lillm.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
@@ -58,7 +59,6 @@ from lillm.train import (
     cleanup_distributed,
     fit,
     make_optimizer,
-    resolve_dtype,
     restore_rng_state,
     rng_state,
     set_seed,

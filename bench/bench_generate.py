@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lillm.generate import SamplingConfig, generate_ids  # noqa: E402
 from lillm.model import LilLM, ModelConfig  # noqa: E402
-from lillm.train import resolve_device  # noqa: E402
+from lillm.devices import resolve_device  # noqa: E402
 
 
 def tokens_per_second(model: LilLM, prompt: list[int], cfg: SamplingConfig, use_cache: bool) -> tuple[float, list[int]]:

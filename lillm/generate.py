@@ -21,6 +21,7 @@ import torch
 
 from lillm.chat import DEFAULT_SYSTEM_PROMPT, render
 from lillm.checkpoint import Checkpoint, load_checkpoint
+from lillm.devices import resolve_device, resolve_dtype
 from lillm.model import KVCache, LilLM
 from lillm.tokenizer import _BYTE_TO_CHAR, BPETokenizer, special_tokens
 
@@ -329,8 +330,6 @@ def chat_reply(
 def load_for_inference(checkpoint_dir, device: str = "auto", dtype: str = "auto") -> Checkpoint:
     """A checkpoint ready to generate: on `device` ("auto": cuda > mps > cpu), weights cast to `dtype` ("auto":
     bf16 on GPUs that support it, else fp32). The KV cache takes the weights' dtype."""
-    from lillm.train import resolve_device, resolve_dtype
-
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint_dir, torch_device)
     ckpt.model.to(resolve_dtype(dtype, torch_device))

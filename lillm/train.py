@@ -11,6 +11,7 @@ import csv
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,29 +23,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ---------------------------------------------------------------------------------------------- devices
+from lillm.devices import configure_cuda, cuda_device_for_rank, resolve_device
 
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda > mps > cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' picks bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 matmuls are slow on most CPUs)."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use auto, fp32 or bf16")
-    return dtypes[name]
+# ---------------------------------------------------------------------------------------------- precision
+# Which device and dtype: lillm.devices (resolve_device, resolve_dtype).
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -73,19 +55,29 @@ class DistInfo:
 def setup_distributed(device_name: str = "auto") -> DistInfo:
     """Join the torchrun process group if RANK/WORLD_SIZE are set (nccl on CUDA, gloo on CPU)."""
     device = resolve_device(device_name)
+    if device.type == "cuda":
+        configure_cuda()
     if "RANK" not in os.environ:
         return DistInfo(0, 0, 1, device)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = cuda_device_for_rank(local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank, local_rank, world, device)
 
 
 def cleanup_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; call it from the script's `finally`. On a normal exit every rank first waits
+    for the others (a barrier): a rank tearing down while rank 0 still works (SFT's end-of-run samples) could
+    abort the job. With an exception in flight (SystemExit included) it leaves at once: the other ranks may be
+    inside another collective, and a barrier would hang."""
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None:
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:

@@ -123,3 +123,29 @@ def test_decoding_one_token_builds_no_mask_and_matches_the_full_forward():
     with torch.no_grad():
         full = model(ids)[0][0, 30:]
     torch.testing.assert_close(torch.stack(steps), full, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_without_a_gpu_and_more_processes_than_gpus_fail_in_one_line(monkeypatch):
+    from lillm.devices import cuda_device_for_rank, resolve_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^--device cuda: no CUDA GPU is visible"):
+            resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cuda_device_for_rank(1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError) as e:
+        cuda_device_for_rank(2)
+    assert "\n" not in str(e.value) and "LOCAL_RANK=2 has no GPU: only 2 visible" in str(e.value)
+    assert str(e.value).endswith("start torchrun with --nproc_per_node=2 or fewer")
+
+
+def test_auto_dtype_ignores_emulated_bf16(monkeypatch):
+    """A V100/T4 only emulates bf16: 'auto' must pick fp32 there, bf16 on GPUs that have it."""
+    from lillm.devices import resolve_dtype
+
+    native = {"value": False}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native["value"])
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    native["value"] = True
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

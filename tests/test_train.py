@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lillm.model import LilLM, ModelConfig
-from lillm.train import RunLogger, lr_at, make_optimizer, resolve_device, resolve_dtype, restore_rng_state, rng_state
+from lillm.devices import resolve_device, resolve_dtype
+from lillm.train import RunLogger, lr_at, make_optimizer, restore_rng_state, rng_state
 
 
 def test_lr_schedule_warmup_then_cosine():
