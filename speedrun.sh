@@ -6,11 +6,17 @@
 #
 # Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS, e.g.
 #   PRETRAIN_ARGS="--max_steps 1500" bash speedrun.sh
+# A run never replaces the checkpoints of an earlier one in OUT_DIR: remove the folder, or pass
+#   PRETRAIN_ARGS=--overwrite SFT_ARGS=--overwrite
 # On GPUs with Hugging Face data the same stages read (see README, "Speedrun and results"):
 #   python data/prepare_pretrain.py --dataset roneneldan/TinyStories --val_split validation --tokenizer tokenizer.json
 #   torchrun --standalone --nproc_per_node=2 pretrain.py --preset base
 #   torchrun --standalone --nproc_per_node=2 sft_train.py --init checkpoints/base --dataset HuggingFaceTB/smoltalk --dataset_config all
 set -euo pipefail
+case ${1:-} in
+  -h|--help) sed -n '2,/^set -euo/{s/^# \{0,1\}//p}' "$0" | grep -v '^set -euo'; exit 0 ;;
+  -*) echo "speedrun.sh: error: unknown option $1 (usage: bash speedrun.sh [DATA_DIR [OUT_DIR]]; see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")"
 
 DATA_DIR=${1:-${LILLM_DATA_DIR:-../shared/data}}

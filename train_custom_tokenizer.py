@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lillm.corpus import CorpusError, check_files, hub_documents, read_documents
+from lillm import cli
+from lillm.corpus import check_files, hub_documents, read_documents
 from lillm.paths import default_data_dir
 from lillm.tokenizer import (
     MIN_VOCAB_SIZE,
@@ -79,14 +79,14 @@ def val_sample(args: argparse.Namespace) -> tuple[list[str], Path | None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help=".txt or .jsonl files (default: TinyStories train + chat_train.jsonl)")
     parser.add_argument("--dataset", help="Hugging Face dataset name, streamed (instead of input files)")
     parser.add_argument("--split", default="train", help="dataset split (with --dataset)")
-    parser.add_argument("--max_docs", type=int, help="use at most this many documents")
+    parser.add_argument("--max_docs", type=cli.positive_int, help="use at most this many documents")
     parser.add_argument("--text_field", default="text", help="jsonl/dataset field holding the text")
     parser.add_argument("--vocab_size", type=int, default=8192, help="total vocabulary incl. 4 special + 256 bytes")
-    parser.add_argument("--output", default="tokenizer.json", help="where to write tokenizer.json (atomically)")
+    parser.add_argument("--output", type=cli.output_file, default=Path("tokenizer.json"), help="where to write tokenizer.json (atomically)")
     parser.add_argument("--impl", choices=("hf", "scratch"), default="hf",
                         help="hf: the fast `tokenizers` trainer; scratch: the hand-written lillm BPE")
     parser.add_argument("--val_file", help="held-out .txt/.jsonl for bytes/token (default: TinyStories val)")
@@ -94,11 +94,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.vocab_size < MIN_VOCAB_SIZE:
         raise InputError(f"--vocab_size must be at least {MIN_VOCAB_SIZE} (4 special + 256 bytes + 1 merge), "
                          f"got {args.vocab_size}")
-    if args.max_docs is not None and args.max_docs < 1:
-        raise InputError(f"--max_docs must be positive, got {args.max_docs}")
     return args
 
 
+@cli.error_boundary("train_custom_tokenizer.py")  # bad flags or input files: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
@@ -130,8 +129,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, CorpusError) as e:
-        print(f"train_custom_tokenizer.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -20,14 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lillm import cli  # noqa: E402
 from lillm.corpus import check_files, hub_documents, read_documents  # noqa: E402
 from lillm.data import build_shards  # noqa: E402
 from lillm.paths import default_data_file  # noqa: E402
 from lillm.tokenizer import load_tokenizer  # noqa: E402
 
 
+@cli.error_boundary("prepare_pretrain.py")  # bad flags or input files: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", type=Path, help=".txt or .jsonl training files (default: TinyStories train)")
     p.add_argument("--val_file", type=Path, nargs="*", help="held-out files (default: TinyStories val with the default inputs)")
     p.add_argument("--val_fraction", type=float, default=0.0, help="hold out this fraction of the inputs instead")
@@ -35,39 +37,35 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dataset_config", help="dataset configuration name (e.g. sample-10BT for FineWeb-Edu)")
     p.add_argument("--split", default="train")
     p.add_argument("--val_split", help="dataset split for validation (default: --val_fraction of --split)")
-    p.add_argument("--max_docs", type=int, help="stop after this many training documents (for --dataset)")
+    p.add_argument("--max_docs", type=cli.positive_int, help="stop after this many training documents (for --dataset)")
     p.add_argument("--text_field", default="text", help="field holding the text in .jsonl / dataset rows")
     p.add_argument("--tokenizer", type=Path, default=Path("tokenizer.json"), help="tokenizer.json to encode with")
-    p.add_argument("--out_dir", type=Path, default=Path("data/tinystories"))
-    p.add_argument("--batch_docs", type=int, default=1024, help="documents per encode_batch call")
+    p.add_argument("--out_dir", type=cli.output_dir, default=Path("data/tinystories"))
+    p.add_argument("--batch_docs", type=cli.positive_int, default=1024, help="documents per encode_batch call")
     args = p.parse_args(argv)
 
-    try:
-        load_tokenizer(args.tokenizer)  # a bad tokenizer fails before any document is read
-        if not 0 <= args.val_fraction < 1:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
-        if args.val_fraction and (args.val_file or args.val_split):
-            raise ValueError("give either --val_fraction or --val_file/--val_split, not both")
-        if args.dataset:
-            sources = [args.dataset]
-            train_docs = hub_documents(args.dataset, args.dataset_config, args.split, args.text_field)
-            val_docs = hub_documents(args.dataset, args.dataset_config, args.val_split, args.text_field) if args.val_split else None
-            if args.max_docs:
-                train_docs = itertools.islice(train_docs, args.max_docs)
-        else:
-            inputs = args.inputs or [default_data_file("pretrain_tinystories_train.txt")]
-            if args.val_file is None and not args.inputs and not args.val_fraction:
-                args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
-            inputs, val_files = check_files(inputs), check_files(args.val_file or [])
-            sources = [str(f) for f in inputs]
-            train_docs = read_documents(inputs, args.text_field)
-            val_docs = read_documents(val_files, args.text_field) if val_files else None
-        if val_docs is None and not args.val_fraction:
-            raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
-        meta = build_shards(train_docs, args.tokenizer, args.out_dir, val_docs, args.val_fraction, sources, args.batch_docs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"prepare_pretrain.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    load_tokenizer(args.tokenizer)  # a bad tokenizer fails before any document is read
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.val_fraction and (args.val_file or args.val_split):
+        raise ValueError("give either --val_fraction or --val_file/--val_split, not both")
+    if args.dataset:
+        sources = [args.dataset]
+        train_docs = hub_documents(args.dataset, args.dataset_config, args.split, args.text_field)
+        val_docs = hub_documents(args.dataset, args.dataset_config, args.val_split, args.text_field) if args.val_split else None
+        if args.max_docs:
+            train_docs = itertools.islice(train_docs, args.max_docs)
+    else:
+        inputs = args.inputs or [default_data_file("pretrain_tinystories_train.txt")]
+        if args.val_file is None and not args.inputs and not args.val_fraction:
+            args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
+        inputs, val_files = check_files(inputs), check_files(args.val_file or [])
+        sources = [str(f) for f in inputs]
+        train_docs = read_documents(inputs, args.text_field)
+        val_docs = read_documents(val_files, args.text_field) if val_files else None
+    if val_docs is None and not args.val_fraction:
+        raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
+    meta = build_shards(train_docs, args.tokenizer, args.out_dir, val_docs, args.val_fraction, sources, args.batch_docs)
     print(
         f"wrote {args.out_dir}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens "
         f"({meta['dtype']}, vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} bytes/token on val)"

@@ -66,8 +66,12 @@ def record_text(record: object, text_field: str, where: str, chat_messages: bool
 
 def read_jsonl(path: Path, text_field: str, chat_messages: bool = False) -> Iterator[str]:
     """One document per line; blank lines and blank documents are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -59,8 +59,12 @@ def read_jsonl_conversations(path: str | os.PathLike, messages_field: str = "mes
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -89,11 +89,6 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_mean(value: float, info: DistInfo) -> float:
-    """Average a Python number over ranks (identity on one process)."""
-    return all_reduce_sum([value], info)[0] / info.world_size
-
-
 # ---------------------------------------------------------------------------------------------- optimisation
 
 
@@ -213,6 +208,40 @@ class RunLogger:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+class StepTimer:
+    """Seconds spent in training steps only, for tokens/s and MFU: evaluation and checkpointing are paused out.
+    On CUDA the clock is read after a synchronize (only at those pauses), so the GPU work queued by a window's
+    steps is counted in that window. The first window is not reported: it pays for torch.compile, the
+    allocator's and the kernels' warm-up, and would drag the average of a short run down."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0  # in training steps, this window
+        self.tokens = 0
+        self.total_seconds = 0.0  # all windows, the first included
+        self.windows = 0
+        self.resume()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def resume(self) -> None:
+        self.started = self._now()
+
+    def pause(self) -> None:
+        self.seconds += self._now() - self.started
+
+    def window_rate(self) -> float | None:
+        """Tokens/s of the window that ends now (call while paused), None for the first; opens the next window."""
+        rate = self.tokens / self.seconds if self.windows > 0 and self.seconds > 0 else None
+        self.total_seconds += self.seconds
+        self.windows += 1
+        self.seconds, self.tokens = 0.0, 0
+        return rate
+
+
 @dataclass
 class TrainConfig:
     max_steps: int
@@ -244,6 +273,7 @@ def fit(
     tokens_per_step: int | None = None,
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
+    compile_model: bool = False,
 ) -> dict[str, float]:
     """Run optimizer steps start_step .. cfg.max_steps - 1 and return the last metrics.
 
@@ -251,7 +281,14 @@ def fit(
     divided by grad_accum and DDP averages gradients over ranks, so N ranks x grad_accum A equals one process with
     grad_accum N*A when the chunks match. evaluate() runs with the model in eval mode on every rank. save(step,
     optimizer, metrics) is called on every rank after each ckpt_interval and at the end (it must write on rank 0
-    only). tokens_per_step (over all ranks) drives tokens/s; with flops_per_token and peak_flops, MFU too.
+    only). tokens_per_step (over all ranks) drives tokens/s; with flops_per_token and peak_flops, MFU too, both
+    over training steps alone (StepTimer). compile_model: torch.compile after the DDP wrap, so that DDP's
+    bucketed all-reduce still overlaps the compiled backward (torch 2.x's recommended order).
+
+    The step path never waits for the GPU: losses and the gradient norm stay on the device and are read once
+    (one reduce, one copy) at steps that log, evaluate or save; the next micro-batch is fetched (and copied,
+    non-blocking, from pinned memory if get_batch does so) while the GPU still runs the current one.
+    The returned metrics add train_seconds, the time spent in training steps.
     """
     from tqdm.auto import tqdm
 
@@ -259,42 +296,59 @@ def fit(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.world_size > 1 else model
+    train_model = torch.compile(ddp_model) if compile_model else ddp_model
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True)
     metrics: dict[str, float] = {}
-    t_last, tokens_since = time.perf_counter(), 0
+    timer = StepTimer(info.device)
+    order = [(step, micro) for step in range(start_step, cfg.max_steps) for micro in range(cfg.grad_accum)]
+    next_batch = get_batch(*order[0]) if order else None
 
     for step in range(start_step, cfg.max_steps):
         lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=info.device)
         for micro in range(cfg.grad_accum):
-            batch = get_batch(step, micro)
+            batch = next_batch
+            position = (step - start_step) * cfg.grad_accum + micro + 1
             last_micro = micro == cfg.grad_accum - 1
             sync = ddp_model.no_sync() if (info.world_size > 1 and not last_micro) else nullcontext()
             with sync:
-                with autocast(info.device, dtype):
-                    _, loss = ddp_model(*batch[:2], loss_mask=batch[2] if len(batch) > 2 else None)
+                with autocast(info.device, dtype):  # [1]: the logits are not kept alive past the loss
+                    loss = train_model(*batch[:2], loss_mask=batch[2] if len(batch) > 2 else None)[1]
+                next_batch = get_batch(*order[position]) if position < len(order) else None
                 (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        train_loss = all_reduce_mean(loss_sum / cfg.grad_accum, info)
-        tokens_since += tokens_per_step or 0
-        metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        timer.tokens += tokens_per_step or 0
         done = step + 1
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
-            elapsed = time.perf_counter() - t_last
-            if tokens_per_step:
-                metrics["tokens_per_s"] = tokens_since / elapsed
+        log = done % cfg.log_interval == 0 or done == cfg.max_steps
+        evaluate_now = done % cfg.eval_interval == 0 or done == cfg.max_steps
+        save_now = done % cfg.ckpt_interval == 0 or done == cfg.max_steps
+        if not (log or evaluate_now or save_now):
+            bar.update(1)
+            continue  # nothing to read: the host queues the next step without waiting
+        timer.pause()
+        step_values = torch.stack([loss_sum / cfg.grad_accum, grad_norm.float()])
+        if info.world_size > 1:  # the loss averaged over ranks (the norm already is global)
+            dist.all_reduce(step_values)
+            step_values[0] /= info.world_size
+        train_loss, norm = step_values.tolist()  # the step's one device-to-host copy
+        metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": norm}
+        if log:
+            rate = timer.window_rate()
+            if rate is not None and tokens_per_step:
+                metrics["tokens_per_s"] = rate
                 if flops_per_token and peak_flops:
-                    metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / (peak_flops * info.world_size)
-            t_last, tokens_since = time.perf_counter(), 0
+                    metrics["mfu"] = rate * flops_per_token / (peak_flops * info.world_size)
+            if info.device.type == "cuda":
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
             logger.log(done, **metrics)
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+        if evaluate_now:
             model.eval()
             with torch.no_grad(), autocast(info.device, dtype):
                 eval_metrics = evaluate()
@@ -309,7 +363,8 @@ def fit(
             postfix["val"] = f"{metrics['val_loss']:.3f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
-        if done % cfg.ckpt_interval == 0 or done == cfg.max_steps:
+        if save_now:
             save(done, optimizer, metrics)
+        timer.resume()
     bar.close()
-    return metrics
+    return {**metrics, "train_seconds": timer.total_seconds}
