@@ -35,6 +35,7 @@ from lillm.data import DataError, file_sha256, open_shards, sample_batch
 from lillm.devices import resolve_dtype
 from lillm.flops import count_parameters, flops_per_token, peak_flops
 from lillm.model import LilLM, ModelConfig
+from lillm.sharding import checkpoint_payload, idle_forwards, local_parameter_bytes, shard_model
 from lillm.tokenizer import load_tokenizer
 from lillm.train import (
     RunLogger,
@@ -103,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -166,6 +168,10 @@ def run(args: argparse.Namespace, info) -> None:
         restore_rng_state(state["rng"])
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
+    if args.fsdp:
+        if args.compile:
+            raise ValueError("--compile with --fsdp is not supported yet; drop one of them")
+        shard_model(model, info.device, dtype)  # in place: model now holds this rank's shards
     train_model = torch.compile(model) if args.compile else model
 
     seq_len, batch_size, accum = config.max_seq_len, args.batch_size, args.grad_accum
@@ -177,6 +183,7 @@ def run(args: argparse.Namespace, info) -> None:
             f"LilLM {count_parameters(config) / 1e6:.2f}M parameters | {info.world_size} process(es) on {info.device} "
             f"({str(dtype).removeprefix('torch.')}) | {tokens_per_step:,} tokens/step | {args.max_steps} steps "
             f"({tokens_per_step * args.max_steps / 1e6:.1f}M tokens) | train shard {len(shards.train):,} tokens"
+            + (f" | FSDP: rank 0 holds {local_parameter_bytes(model) / 2**20:.2f} MiB of parameters" if args.fsdp else "")
         )
 
     def get_batch(step: int, micro: int):
@@ -186,15 +193,18 @@ def run(args: argparse.Namespace, info) -> None:
     def evaluate() -> dict[str, float]:
         """Mean loss over the same eval_batches validation batches at every evaluation, split over ranks."""
         total = 0.0
-        for i in range(info.rank, args.eval_batches, info.world_size):
+        mine = range(info.rank, args.eval_batches, info.world_size)
+        for i in mine:
             x, y = sample_batch(shards.val, batch_size, seq_len, seed=0, step=i)
             total += model(x.to(info.device), y.to(info.device))[1].item()
+        idle_forwards(model, len(range(0, args.eval_batches, info.world_size)) - len(mine), info.device)
         val_loss = all_reduce_sum([total], info)[0] / args.eval_batches
         return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / shards.val_bytes_per_token}
 
     started = time.perf_counter()
 
     def save(step: int, optimizer, metrics: dict) -> None:
+        weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
         if not info.is_main:
             return
         meta = {
@@ -207,10 +217,10 @@ def run(args: argparse.Namespace, info) -> None:
         }
         # The data position is (seed, step): batches are a pure function of them (lillm.data.sample_batch).
         trainer_state = {
-            "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(),
+            "step": step, "optimizer": optimizer_state, "rng": rng_state(),
             "data": {"seed": args.seed, "next_step": step},
         }
-        save_checkpoint(args.out_dir, model, tokenizer_path, meta=meta, trainer_state=trainer_state)
+        save_checkpoint(args.out_dir, weights, tokenizer_path, meta=meta, trainer_state=trainer_state)
 
     cfg = TrainConfig(
         max_steps=args.max_steps, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lillm.devices import configure_cuda, cuda_device_for_rank, resolve_device
+from lillm.sharding import full_tensor, is_sharded, load_full_optimizer_state, set_gradient_sync
 
 # ---------------------------------------------------------------------------------------------- precision
 # Which device and dtype: lillm.devices (resolve_device, resolve_dtype).
@@ -289,13 +290,19 @@ def fit(
     (one reduce, one copy) at steps that log, evaluate or save; the next micro-batch is fetched (and copied,
     non-blocking, from pinned memory if get_batch does so) while the GPU still runs the current one.
     The returned metrics add train_seconds, the time spent in training steps.
+    A model sharded by lillm.sharding.shard_model trains with FSDP instead of DDP (same averaging, same results);
+    optimizer_state is then the full state dict lillm.sharding.checkpoint_payload saved, re-sharded on load.
     """
     from tqdm.auto import tqdm
 
+    sharded = is_sharded(model)  # FSDP (lillm.sharding.shard_model) replaces DDP: it reduces gradients itself
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    if optimizer_state is not None:
+    if optimizer_state is not None and sharded:
+        load_full_optimizer_state(model, optimizer, optimizer_state)
+    elif optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if info.world_size > 1 else model
+    use_ddp = info.world_size > 1 and not sharded
+    ddp_model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) if use_ddp else model
     train_model = torch.compile(ddp_model) if compile_model else ddp_model
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True)
     metrics: dict[str, float] = {}
@@ -313,13 +320,16 @@ def fit(
             batch = next_batch
             position = (step - start_step) * cfg.grad_accum + micro + 1
             last_micro = micro == cfg.grad_accum - 1
-            sync = ddp_model.no_sync() if (info.world_size > 1 and not last_micro) else nullcontext()
+            sync = ddp_model.no_sync() if (use_ddp and not last_micro) else nullcontext()
+            if sharded:
+                set_gradient_sync(model, last_micro)
             with sync:
                 with autocast(info.device, dtype):  # [1]: the logits are not kept alive past the loss
                     loss = train_model(*batch[:2], loss_mask=batch[2] if len(batch) > 2 else None)[1]
                 next_batch = get_batch(*order[position]) if position < len(order) else None
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+        # Under FSDP the gradients are DTensor shards: the norm is reduced over all ranks before clipping.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -333,7 +343,7 @@ def fit(
             bar.update(1)
             continue  # nothing to read: the host queues the next step without waiting
         timer.pause()
-        step_values = torch.stack([loss_sum / cfg.grad_accum, grad_norm.float()])
+        step_values = torch.stack([loss_sum / cfg.grad_accum, full_tensor(grad_norm).float()])
         if info.world_size > 1:  # the loss averaged over ranks (the norm already is global)
             dist.all_reduce(step_values)
             step_values[0] /= info.world_size
