@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The whole pipeline on a CPU, end to end: tokenizer -> token shards -> pretraining (tiny preset) -> SFT -> chat.
+# The whole pipeline on a CPU, end to end: tokenizer -> token shards -> pretraining (tiny preset) -> SFT -> chat
+# -> evaluation -> a report card (OUT_DIR/report.md).
 #
 #   bash speedrun.sh                      # data from ../shared/data, everything written under speedrun/
 #   bash speedrun.sh /path/to/data out/   # DATA_DIR holding pretrain_tinystories_{train,val}.txt, chat_{train,val}.jsonl
 #
 # Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS, e.g.
 #   PRETRAIN_ARGS="--max_steps 1500" bash speedrun.sh
+# EVAL_LIMIT (default 500) is how many items of each multiple-choice set are scored.
 # A run never replaces the checkpoints of an earlier one in OUT_DIR: remove the folder, or pass
 #   PRETRAIN_ARGS=--overwrite SFT_ARGS=--overwrite
 # On GPUs with Hugging Face data the same stages read (see README, "Speedrun and results"):
@@ -22,10 +24,12 @@ cd "$(dirname "$0")"
 DATA_DIR=${1:-${LILLM_DATA_DIR:-../shared/data}}
 OUT=${2:-speedrun}
 PYTHON=${PYTHON:-python}
-for f in pretrain_tinystories_train.txt pretrain_tinystories_val.txt chat_train.jsonl chat_val.jsonl; do
+for f in pretrain_tinystories_train.txt pretrain_tinystories_val.txt chat_train.jsonl chat_val.jsonl \
+         eval_hellaswag_val.jsonl eval_arc_easy_test.jsonl eval_arc_challenge_test.jsonl; do
   [ -f "$DATA_DIR/$f" ] || { echo "speedrun.sh: error: $DATA_DIR/$f not found (usage: bash speedrun.sh DATA_DIR [OUT_DIR])" >&2; exit 2; }
 done
 mkdir -p "$OUT"
+: > "$OUT/stage_times.tsv"  # NAME<TAB>SECONDS per stage, read by the report card
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} MPLBACKEND=Agg
 
 declare -a TIMES=()
@@ -35,6 +39,7 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
   local start=$SECONDS
   "$@"
   TIMES+=("$name: $((SECONDS - start)) s")
+  printf "%s\t%s\n" "$name" "$((SECONDS - start))" >> "$OUT/stage_times.tsv"
 }
 
 stage "1. tokenizer (8192 tokens, TinyStories + chat text)" \
@@ -53,6 +58,11 @@ stage "4. supervised fine-tuning" \
 stage "5. a chat exchange" \
   $PYTHON inference.py --checkpoint "$OUT/sft" --chat --temperature 0 --max_new_tokens 60 \
     <<< "Can you tell me a short story about a cat?"
+EVAL=(--data_dir "$DATA_DIR" --tasks hellaswag,arc_easy,arc_challenge --limit "${EVAL_LIMIT:-500}" --samples)
+stage "6. evaluation: base model (multiple choice, bits/byte, story samples)" \
+  $PYTHON evaluate.py --checkpoint "$OUT/base" "${EVAL[@]}" --bpb "$DATA_DIR/pretrain_tinystories_val.txt" --out "$OUT/eval_base.json"
+stage "7. evaluation: SFT model (multiple choice, chat samples)" \
+  $PYTHON evaluate.py --checkpoint "$OUT/sft" "${EVAL[@]}" --out "$OUT/eval_sft.json"
 
 echo; echo "=== summary"
 printf "%s\n" "${TIMES[@]}" "total: $SECONDS s"
@@ -65,3 +75,5 @@ print(f"pretraining: validation loss {base['val_loss']:.4f} nats/token, {base['v
 print(f"SFT: held-out assistant loss {sft['val_loss_before']:.4f} -> {sft['val_loss']:.4f}")
 print(f"SFT: replies ending with <|im_end|>: {sft['im_end_rate']:.0%}")
 EOF
+$PYTHON report.py "$OUT/eval_base.json" "$OUT/eval_sft.json" --stage_times "$OUT/stage_times.tsv" \
+  --out "$OUT/report.md" --title "lillm speedrun report card"
