@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -50,7 +49,6 @@ from lillm.sft_data import (
     hub_conversations,
     read_jsonl_conversations,
 )
-from lillm.fileio import atomic_write_text
 from lillm.tokenizer import special_tokens
 from lillm.train import (
     RunLogger,
@@ -298,6 +296,8 @@ def run(args: argparse.Namespace, info) -> None:
     def evaluate() -> dict[str, float]:
         return {"val_loss": assistant_loss(model, val, info, args.batch_size)}
 
+    final_save: dict = {}  # the last save waits for the run's summary: one atomic write, never a rewrite after
+
     def save(step: int, optimizer, metrics: dict) -> None:
         if not info.is_main:
             return
@@ -316,6 +316,9 @@ def run(args: argparse.Namespace, info) -> None:
             "data": {"train": train.summary(), "val": val.summary()},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         }
+        if step == args.max_steps:
+            final_save.update(model=plain, meta=meta, state=state)
+            return
         save_checkpoint(args.out_dir, plain, tokenizer_path, meta=meta, trainer_state=state)
 
     if not args.resume:
@@ -336,7 +339,7 @@ def run(args: argparse.Namespace, info) -> None:
     if not info.is_main:
         return
 
-    final = load_checkpoint(args.out_dir, device=info.device)  # check what was saved (LoRA merged), not the live model
+    plain = final_save["model"].eval()  # the weights the last save writes (LoRA merged): what the summary describes
     summary = {
         "val_loss_before": before,
         "val_loss": metrics["val_loss"],
@@ -345,9 +348,10 @@ def run(args: argparse.Namespace, info) -> None:
         "tokens_per_s": trained_tokens(train, args, chunks, start_step) / train_seconds,
     }
     if prompts:
-        rate, examples = im_end_rate(final.model, tokenizer, prompts, reply_budget)
+        rate, examples = im_end_rate(plain, tokenizer, prompts, reply_budget)
         summary.update(im_end_rate=rate, im_end_samples=len(examples), sample_max_tokens=reply_budget, examples=examples[:5])
-    atomic_write_text(final.directory / "meta.json", json.dumps({**final.meta, "summary": summary}, indent=2) + "\n")
+    meta = {**final_save["meta"], "summary": summary}
+    save_checkpoint(args.out_dir, plain, tokenizer_path, meta=meta, trainer_state=final_save["state"])
     print(
         f"done in {train_seconds:.0f} s ({summary['tokens_per_s']:,.0f} tokens/s): held-out assistant loss "
         f"{before:.4f} -> {metrics['val_loss']:.4f}"
