@@ -1,0 +1,81 @@
+"""Turn TinyStories into instruction-following chat data for sft_train.py.
+
+    python data/prepare_story_instructions.py --out_dir data/story_instruct     # stories from ../shared/data
+    python data/prepare_story_instructions.py --train_file a.txt --val_file b.txt --n_words 2 --out_dir DIR
+
+Writes DIR/story_instruct_train.jsonl and DIR/story_instruct_val.jsonl, one conversation a line:
+{"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "source": "story_instruct/<kind>"}.
+Every story becomes a "words" conversation ("Write a short story that uses the words: ...", the reply is the
+story) and one of "begin" ("Write a story that begins with: <first sentence>", the reply is the story) or
+"continue" ("Continue this story: <first half>", the reply is the rest). The held-out file is made only from
+--val_file's stories, and a training story identical to a held-out one is skipped. The output depends only on
+the inputs and the flags (seeded per story), so two runs write identical bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lillm.corpus import check_files, read_txt  # noqa: E402
+from lillm.instruct import COMMON_WORDS, common_words, conversation, word_counts  # noqa: E402
+from lillm.paths import default_data_file  # noqa: E402
+from lillm.tokenizer import atomic_write_text  # noqa: E402
+
+
+def story_conversations(stories: list[str], common: frozenset[str], n_words: int, seed: int, split: str) -> list[str]:
+    """jsonl lines: a words conversation per story, then begin or continue (alternating by a seeded draw)."""
+    lines = []
+    for i, story in enumerate(stories):
+        rng = random.Random(f"{seed}:{split}:{i}")  # per story, so one story's draws never shift another's
+        for kind in ("words", rng.choice(("begin", "continue"))):
+            messages = conversation(kind, story, common, n_words, rng)
+            if messages is not None:
+                lines.append(json.dumps({"messages": messages, "source": f"story_instruct/{kind}"}, ensure_ascii=False))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_file", type=Path, help="stories separated by blank lines (default: TinyStories train)")
+    p.add_argument("--val_file", type=Path, help="held-out stories (default: TinyStories val)")
+    p.add_argument("--out_dir", type=Path, default=Path("data/story_instruct"))
+    p.add_argument("--n_words", type=int, default=3, help="words requested per story")
+    p.add_argument("--max_chars", type=int, default=900, help="skip longer stories (900 fits a 256-token context)")
+    p.add_argument("--common_words", type=int, default=COMMON_WORDS, help="never request the N most frequent words")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    try:
+        for name in ("n_words", "max_chars"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+        train_file = args.train_file or default_data_file("pretrain_tinystories_train.txt")
+        val_file = args.val_file or default_data_file("pretrain_tinystories_val.txt")
+        check_files([train_file, val_file])
+        train_all = list(read_txt(train_file))
+        common = common_words(word_counts(train_all), args.common_words)
+        val = [s for s in read_txt(val_file) if len(s) <= args.max_chars]
+        held_out = set(val)
+        train = [s for s in train_all if len(s) <= args.max_chars and s not in held_out]
+        out = {}
+        for split, stories in (("train", train), ("val", val)):
+            lines = story_conversations(stories, common, args.n_words, args.seed, split)
+            if not lines:
+                raise ValueError(f"no story of {train_file if split == 'train' else val_file} has at most --max_chars {args.max_chars} characters")
+            out[split] = lines
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        for split, lines in out.items():
+            atomic_write_text(args.out_dir / f"story_instruct_{split}.jsonl", "\n".join(lines) + "\n")
+            print(f"wrote {args.out_dir / f'story_instruct_{split}.jsonl'}: {len(lines):,} conversations")
+    except (ValueError, FileNotFoundError) as e:  # CorpusError is a ValueError
+        print(f"prepare_story_instructions.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

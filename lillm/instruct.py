@@ -1,0 +1,256 @@
+"""Story instructions: instruction-following conversations made from plain stories, and their automatic score.
+
+A model pretrained on TinyStories has never seen an instruction. Three fixed templates turn each story into one
+(as TinyStories-Instruct does with required words): use some given words, begin with a given sentence, continue
+a given first half. The reply is the story (or its rest), so whether a reply followed its instruction can be
+checked exactly: every requested word occurs in it as a whole word (case-insensitive: "cat" is not in "catch"),
+or it starts with the requested opening.
+
+The requested words are drawn from a story's less common words (never the corpus's few hundred most frequent
+ones, nor names), so a model that ignores the instruction almost never uses all of them by chance.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+WORDS_TEMPLATE = "Write a short story that uses the words: {words}."
+BEGIN_TEMPLATE = "Write a story that begins with: {opening}"
+CONTINUE_TEMPLATE = "Continue this story: {start}"
+KINDS = ("words", "begin", "continue")
+
+COMMON_WORDS = 300  # this many most frequent corpus words are never requested
+_WORD = re.compile(r"[A-Za-z]+")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+")
+_PARSERS = {
+    "words": re.compile(r"^Write a short story that uses the words: (.+)\.$", re.S),
+    "begin": re.compile(r"^Write a story that begins with: (.+)$", re.S),
+    "continue": re.compile(r"^Continue this story: (.+)$", re.S),
+}
+
+
+def word_counts(stories: Iterable[str]) -> Counter:
+    """How often each lowercased word occurs over a corpus."""
+    counts: Counter = Counter()
+    for story in stories:
+        counts.update(w.lower() for w in _WORD.findall(story))
+    return counts
+
+
+def common_words(counts: Counter, n: int = COMMON_WORDS) -> frozenset[str]:
+    """The n most frequent words (ties broken alphabetically, so the set does not depend on reading order)."""
+    return frozenset(w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:n])
+
+
+def candidate_words(story: str, common: frozenset[str]) -> list[str]:
+    """The story's requestable words in order of first use: lowercase in the text at least once (so not a
+    name), at least 3 letters, not among the corpus's most frequent words."""
+    seen: dict[str, None] = {}
+    for w in _WORD.findall(story):
+        if w.islower() and len(w) >= 3 and w not in common:
+            seen.setdefault(w, None)
+    return list(seen)
+
+
+def choose_words(story: str, common: frozenset[str], n: int, rng: random.Random) -> list[str] | None:
+    """n distinct candidate words of the story, listed in the order the story uses them; None if it has fewer."""
+    candidates = candidate_words(story, common)
+    if len(candidates) < n:
+        return None
+    picked = set(rng.sample(candidates, n))
+    return [w for w in candidates if w in picked]
+
+
+def contains_word(text: str, word: str) -> bool:
+    """Whether `word` occurs in `text` as a whole word, ignoring case ("Cat." yes, "catch" no)."""
+    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
+
+
+def first_sentence(story: str) -> str:
+    """The story's first sentence, with its closing quote if it has one ('"Hi!" said Tom.' gives '"Hi!"')."""
+    story = story.strip()
+    match = _SENTENCE_END.search(story)
+    return story[: match.end()].rstrip() if match else story
+
+
+def split_half(story: str) -> tuple[str, str] | None:
+    """(start, rest) cut at the sentence boundary nearest the middle; start + whitespace + rest == story.
+    None for a one-sentence story."""
+    story = story.strip()
+    cuts = [m.end() for m in _SENTENCE_END.finditer(story)]
+    if not cuts:
+        return None
+    cut = min(cuts, key=lambda c: abs(c - len(story) / 2))
+    return story[:cut].rstrip(), story[cut:].lstrip()
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What a user turn asks for: kind is "words", "begin" or "continue"; words or opening say what to check."""
+
+    kind: str
+    words: tuple[str, ...] = ()
+    opening: str = ""
+
+
+def parse_instruction(text: str) -> Instruction | None:
+    """The instruction a templated user turn gives, or None for any other text."""
+    for kind, pattern in _PARSERS.items():
+        match = pattern.match(text)
+        if match:
+            if kind == "words":
+                return Instruction(kind, words=tuple(w.strip() for w in match.group(1).split(",")))
+            return Instruction(kind, opening=match.group(1) if kind == "begin" else "")
+    return None
+
+
+def conversation(kind: str, story: str, common: frozenset[str], n_words: int, rng: random.Random) -> list[dict] | None:
+    """One instruction conversation of the given kind made from a story, or None when the story cannot make it."""
+    story = story.strip()
+    if kind == "words":
+        words = choose_words(story, common, n_words, rng)
+        if words is None:
+            return None
+        user, reply = WORDS_TEMPLATE.format(words=", ".join(words)), story
+    elif kind == "begin":
+        opening = first_sentence(story)
+        if opening == story:
+            return None
+        user, reply = BEGIN_TEMPLATE.format(opening=opening), story
+    elif kind == "continue":
+        halves = split_half(story)
+        if halves is None:
+            return None
+        user, reply = CONTINUE_TEMPLATE.format(start=halves[0]), halves[1]
+    else:
+        raise ValueError(f"unknown instruction kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def words_followed(replies: Sequence[str], word_lists: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Share of replies containing every requested word, and share of all requested words used."""
+    if len(replies) != len(word_lists) or not replies:
+        raise ValueError(f"need as many word lists as replies (got {len(word_lists)} and {len(replies)}), at least one")
+    hits = [[contains_word(r, w) for w in words] for r, words in zip(replies, word_lists)]
+    return {
+        "all_words": sum(all(h) for h in hits) / len(hits),
+        "words": sum(map(sum, hits)) / sum(map(len, hits)),
+    }
+
+
+def openings_followed(replies: Sequence[str], openings: Sequence[str]) -> float:
+    """Share of replies that start with their requested opening (leading whitespace ignored)."""
+    if len(replies) != len(openings) or not replies:
+        raise ValueError(f"need as many openings as replies (got {len(openings)} and {len(replies)}), at least one")
+    return sum(r.lstrip().startswith(o) for r, o in zip(replies, openings)) / len(replies)
+
+
+def shuffled(items: Sequence, offset: int = 1) -> list:
+    """Each item replaced by another one (a rotation): the words of a different instruction, for contrast."""
+    if len(items) < 2:
+        raise ValueError("a contrast needs at least two instructions")
+    return [items[(i + offset) % len(items)] for i in range(len(items))]
+
+
+# --------------------------------------------------------------------------------------------- measuring a model
+
+
+def held_out_instructions(conversations: Iterable[Sequence[dict]], n: int) -> dict[str, list[tuple[str, Instruction]]]:
+    """The first n "words" and the first n "begin" instructions among the conversations' first user turns."""
+    found: dict[str, list[tuple[str, Instruction]]] = {"words": [], "begin": []}
+    for messages in conversations:
+        first = messages[0] if messages[0]["role"] == "user" else messages[1]
+        instruction = parse_instruction(first["content"])
+        if instruction is not None and instruction.kind in found and len(found[instruction.kind]) < n:
+            found[instruction.kind].append((first["content"], instruction))
+        if all(len(v) == n for v in found.values()):
+            break
+    return found
+
+
+def _replies(model, prompts: list[list[int]], stop_id: int, max_new_tokens: int, batch_size: int = 32):
+    """Greedy replies (ids, stop cut off) and whether each ended with stop_id, batched by prompt length."""
+    from lillm.generate import SamplingConfig, generate_batch
+
+    replies: list[list[int]] = [[] for _ in prompts]
+    ended = [False] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(stop_id,))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [prompts[i] for i in rows]
+        budget = min(max_new_tokens, model.config.max_seq_len - max(len(p) for p in batch))
+        for i, reply in zip(rows, generate_batch(model, batch, cfg)):
+            replies[i], ended[i] = reply, len(reply) < budget  # a stop id is cut off, so the reply is shorter
+    return replies, ended
+
+
+def instruction_scores(
+    model, tokenizer, instructions: dict[str, list[tuple[str, Instruction]]], chat: bool, system: str | None,
+    max_new_tokens: int,
+) -> tuple[dict[str, float], list[dict]]:
+    """Greedy replies to the instructions and how well they follow them.
+
+    chat=True renders each instruction as a user turn (lillm.chat.render); chat=False gives it to the model as
+    plain text, a new document (what a base model that never saw the template can use). Returns the shares
+    (all_words, words, opening, im_end) and the replies to the words instructions (for contrast and display)."""
+    from lillm.chat import render
+    from lillm.tokenizer import encode_ordinary, special_tokens
+
+    specials = special_tokens(tokenizer)
+
+    def prompt(text: str) -> list[int]:
+        if chat:
+            return render(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True, system=system)[0]
+        return [specials.eos, *encode_ordinary(tokenizer, text + "\n")]
+
+    items = instructions["words"] + instructions["begin"]
+    replies, ended = _replies(model, [prompt(text) for text, _ in items], specials.im_end, max_new_tokens)
+    texts = [tokenizer.decode(r[: r.index(specials.eos)] if specials.eos in r else r) for r in replies]
+    n_words = len(instructions["words"])
+    scores: dict[str, float] = {"im_end": sum(ended) / len(ended)}
+    if n_words:
+        scores.update(words_followed(texts[:n_words], [i.words for _, i in instructions["words"]]))
+    if instructions["begin"]:
+        scores["opening"] = openings_followed(texts[n_words:], [i.opening for _, i in instructions["begin"]])
+    examples = [{"user": text, "reply": reply, "ended": e} for (text, _), reply, e in zip(items, texts, ended)]
+    return scores, examples[:n_words]
+
+
+def contrast_scores(examples: list[dict], instructions: dict[str, list[tuple[str, Instruction]]]) -> dict[str, float]:
+    """The replies to the words instructions scored against the words of a different instruction: what
+    following no instruction at all would score."""
+    return words_followed([e["reply"] for e in examples], shuffled([i.words for _, i in instructions["words"]]))
+
+
+def instruction_report(model, base_model, tokenizer, instructions: dict, system: str | None) -> dict:
+    """The fine-tuned model's scores, the base model's (instructions as plain text) and the fine-tuned model's
+    against shuffled words, with a few example replies: the "instruct" block of the SFT summary."""
+    budget = model.config.max_seq_len  # as long as the context allows: a reply is a whole story
+    sft, examples = instruction_scores(model, tokenizer, instructions, True, system, budget)
+    base, _ = instruction_scores(base_model, tokenizer, instructions, False, system, budget)
+    report = {"n_words": len(instructions["words"]), "n_begin": len(instructions["begin"]), "sft": sft, "base": base}
+    if len(instructions["words"]) >= 2:
+        report["sft_shuffled_words"] = contrast_scores(examples, instructions)
+    return {**report, "examples": examples[:3]}
+
+
+def report_line(report: dict) -> str:
+    """The instruction-following numbers of instruction_report in one line."""
+    sft, base = report["sft"], report["base"]
+    parts = []
+    if "all_words" in sft:
+        parts.append(f"all {report['n_words']} word sets used {sft['all_words']:.0%} (base {base['all_words']:.0%}"
+                     + (f", shuffled {report['sft_shuffled_words']['all_words']:.0%}" if "sft_shuffled_words" in report else "")
+                     + f"), words {sft['words']:.0%}")
+    if "opening" in sft:
+        parts.append(f"opening kept {sft['opening']:.0%} of {report['n_begin']} (base {base['opening']:.0%})")
+    parts.append(f"<|im_end|> {sft['im_end']:.0%} (base {base['im_end']:.0%})")
+    return "instructions: " + ", ".join(parts)
