@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -34,11 +35,13 @@ from lillm.checkpoint import (
     save_checkpoint,
 )
 from lillm.data import file_sha256
-from lillm.devices import resolve_dtype
+from lillm.devices import enable_determinism, resolve_dtype, to_device
 from lillm.flops import flops_per_token, peak_flops
 from lillm.generate import SamplingConfig, generate_batch
+from lillm.instruct import held_out_instructions, instruction_report, report_line
 from lillm.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from lillm.model import LilLM
+from lillm.sharding import checkpoint_payload, idle_forwards, shard_model
 from lillm.paths import default_data_file
 from lillm.sft_data import (
     SFTDataset,
@@ -54,6 +57,7 @@ from lillm.train import (
     RunLogger,
     TrainConfig,
     all_reduce_sum,
+    autocast,
     cleanup_distributed,
     fit,
     make_optimizer,
@@ -106,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic CUDA kernels: bit-exact resumes on GPUs too, somewhat slower")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=0, help="> 0: train rank-r adapters instead of all weights")
     lora.add_argument("--lora_alpha", type=float, help="adapter scale numerator (default: 2 * rank)")
@@ -113,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample = p.add_argument_group("end-of-run check")
     sample.add_argument("--eval_samples", type=int, default=20, help="held-out prompts to answer greedily (0: skip)")
     sample.add_argument("--sample_max_tokens", type=int, help="reply length budget (default: half the context, at most 128)")
+    sample.add_argument("--instruct_eval", type=int, default=100,
+                        help="score this many held-out story instructions of each kind, if the val data has them (0: skip)")
     return p.parse_args(argv)
 
 
@@ -121,11 +130,14 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lora_rank", "eval_samples"):
+    for name in ("lora_rank", "eval_samples", "instruct_eval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.sample_max_tokens is not None and args.sample_max_tokens < 1:
         raise ValueError(f"--sample_max_tokens must be positive, got {args.sample_max_tokens}")
+    if args.fsdp and args.lora_rank:
+        raise ValueError("--fsdp with --lora_rank is not supported yet (LoRA needs no gradients or Adam state for the "
+                         "frozen weights, so plain DDP usually fits): drop one of them")
 
 
 def conversations(args: argparse.Namespace, split: str) -> Source:
@@ -148,6 +160,8 @@ def assistant_loss(model: LilLM, data: SFTDataset, info, batch_size: int) -> flo
         n = mask.sum().item()
         total += model(x, y, loss_mask=mask)[1].item() * n
         count += n
+    most = math.ceil(len(range(0, len(data), info.world_size)) / batch_size)  # rank 0 has the most batches
+    idle_forwards(model, most - math.ceil(len(order) / batch_size), info.device)
     total, count = all_reduce_sum([total, count], info)
     return total / count
 
@@ -229,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, info) -> None:
     check_args(args)
     check_out_dir(args.out_dir, args.resume, args.overwrite)
+    if args.deterministic:
+        enable_determinism()
     set_seed(args.seed)
     base = load_checkpoint(args.init, device=info.device)
     model, tokenizer, config = base.model, base.tokenizer, base.config
@@ -256,7 +272,8 @@ def run(args: argparse.Namespace, info) -> None:
     if info.is_main:
         print(f"train: {train.summary()}\nval:   {val.summary()}")
 
-    with torch.no_grad():
+    dtype = resolve_dtype(args.dtype, info.device)
+    with torch.no_grad(), autocast(info.device, dtype):  # the precision of every later eval (lillm.train.fit)
         before = assistant_loss(model, val, info, args.batch_size)  # the --init model, also when resuming
     if info.is_main:
         print(f"held-out assistant loss before SFT: {before:.4f} ({int(sum(m.sum() for m in val.masks)):,} tokens)")
@@ -282,7 +299,8 @@ def run(args: argparse.Namespace, info) -> None:
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
 
-    dtype = resolve_dtype(args.dtype, info.device)
+    if args.fsdp:
+        shard_model(model, info.device, dtype)  # in place, after the --init (or resumed) weights are in
     chunks = info.world_size * args.grad_accum
     mean_len = sum(len(i) - 1 for i in train.ids) / len(train)
     tokens_per_step = round(mean_len * args.batch_size * chunks)  # expected real tokens; batches vary
@@ -291,7 +309,7 @@ def run(args: argparse.Namespace, info) -> None:
     def get_batch(step: int, micro: int):
         rows = batch_indices(len(train), args.batch_size, args.seed, step, info.rank * args.grad_accum + micro, chunks)
         batch = collate([train.ids[i] for i in rows], [train.masks[i] for i in rows], train.pad_id, args.train_on_inputs)
-        return tuple(t.to(info.device) for t in batch)
+        return tuple(to_device(t, info.device) for t in batch)
 
     def evaluate() -> dict[str, float]:
         return {"val_loss": assistant_loss(model, val, info, args.batch_size)}
@@ -299,10 +317,11 @@ def run(args: argparse.Namespace, info) -> None:
     final_save: dict = {}  # the last save waits for the run's summary: one atomic write, never a rewrite after
 
     def save(step: int, optimizer, metrics: dict) -> None:
+        weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
         if not info.is_main:
             return
-        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "train_conversations": len(train),
+        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else weights
+        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(), "train_conversations": len(train),
                  "seed": args.seed}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)
@@ -334,22 +353,26 @@ def run(args: argparse.Namespace, info) -> None:
         optimizer_state=optimizer_state, tokens_per_step=tokens_per_step,
         flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device),
     )
-    train_seconds = time.perf_counter() - started  # evals and saves included
+    train_seconds = time.perf_counter() - started  # evals and saves included; tokens/s counts steps only
     plot = logger.close(title=f"SFT {args.out_dir.name}: " + ("all tokens" if args.train_on_inputs else "assistant tokens"))
     if not info.is_main:
         return
 
-    plain = final_save["model"].eval()  # the weights the last save writes (LoRA merged): what the summary describes
+    plain = final_save["model"].to(info.device).eval()  # the weights the last save writes (LoRA merged): what the summary describes
     summary = {
         "val_loss_before": before,
         "val_loss": metrics["val_loss"],
         "val_assistant_tokens": int(sum(m.sum() for m in val.masks)),
         "train_seconds": train_seconds,
-        "tokens_per_s": trained_tokens(train, args, chunks, start_step) / train_seconds,
+        "tokens_per_s": trained_tokens(train, args, chunks, start_step) / metrics["train_seconds"],
     }
     if prompts:
         rate, examples = im_end_rate(plain, tokenizer, prompts, reply_budget)
         summary.update(im_end_rate=rate, im_end_samples=len(examples), sample_max_tokens=reply_budget, examples=examples[:5])
+    instructions = held_out_instructions((m for _, m in conversations(args, "val")), args.instruct_eval) if args.instruct_eval else {}
+    if any(instructions.values()):  # the held-out data are story instructions (data/prepare_story_instructions.py)
+        summary["instruct"] = instruction_report(plain, load_checkpoint(args.init, device=info.device).model,
+                                                 tokenizer, instructions, system)
     meta = {**final_save["meta"], "summary": summary}
     save_checkpoint(args.out_dir, plain, tokenizer_path, meta=meta, trainer_state=final_save["state"])
     print(
@@ -358,6 +381,8 @@ def run(args: argparse.Namespace, info) -> None:
         + (f", replies ending with <|im_end|>: {rate:.0%} of {len(examples)}" if prompts else "")
         + f" -> {args.out_dir}" + (f" (curve: {plot})" if plot else "")
     )
+    if "instruct" in summary:
+        print(report_line(summary["instruct"]))
 
 
 if __name__ == "__main__":
