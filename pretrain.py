@@ -32,7 +32,7 @@ from lillm.checkpoint import (
     save_checkpoint,
 )
 from lillm.data import DataError, file_sha256, open_shards, sample_batch
-from lillm.devices import resolve_dtype
+from lillm.devices import enable_determinism, resolve_dtype, to_device
 from lillm.flops import count_parameters, flops_per_token, peak_flops
 from lillm.model import LilLM, ModelConfig
 from lillm.sharding import checkpoint_payload, idle_forwards, local_parameter_bytes, shard_model
@@ -102,7 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=1337)
     train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (after the DDP wrap); for GPUs")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic CUDA kernels: bit-exact resumes on GPUs too, somewhat slower")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
     args = p.parse_args(argv)
@@ -135,6 +137,8 @@ def run(args: argparse.Namespace, info) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     check_out_dir(args.out_dir, args.resume, args.overwrite)
+    if args.deterministic:
+        enable_determinism()
     set_seed(args.seed)
     config = state = None
     if args.resume:
@@ -172,7 +176,6 @@ def run(args: argparse.Namespace, info) -> None:
         if args.compile:
             raise ValueError("--compile with --fsdp is not supported yet; drop one of them")
         shard_model(model, info.device, dtype)  # in place: model now holds this rank's shards
-    train_model = torch.compile(model) if args.compile else model
 
     seq_len, batch_size, accum = config.max_seq_len, args.batch_size, args.grad_accum
     tokens_per_step = batch_size * accum * info.world_size * seq_len
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace, info) -> None:
 
     def get_batch(step: int, micro: int):
         x, y = sample_batch(shards.train, batch_size, seq_len, args.seed, step, chunk=info.rank * accum + micro)
-        return x.to(info.device), y.to(info.device)
+        return to_device(x, info.device), to_device(y, info.device)
 
     def evaluate() -> dict[str, float]:
         """Mean loss over the same eval_batches validation batches at every evaluation, split over ranks."""
@@ -228,9 +231,9 @@ def run(args: argparse.Namespace, info) -> None:
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
     )
     metrics = fit(
-        train_model, info, cfg, get_batch, evaluate, save, logger, dtype,
+        model, info, cfg, get_batch, evaluate, save, logger, dtype,
         start_step=start_step, optimizer_state=optimizer_state, tokens_per_step=tokens_per_step,
-        flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device),
+        flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device), compile_model=args.compile,
     )
     plot = logger.close(title=f"pretraining {args.out_dir.name}")
     if info.is_main:

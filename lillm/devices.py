@@ -66,3 +66,11 @@ def enable_determinism() -> None:
     (on CPUs they already are). Must run before the first CUDA matmul."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on its device. On CUDA through pinned memory with non_blocking=True: the copy is queued
+    behind the GPU's current work instead of stalling the host (fit fetches the next batch meanwhile)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

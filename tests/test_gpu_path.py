@@ -149,3 +149,124 @@ def test_auto_dtype_ignores_emulated_bf16(monkeypatch):
     native["value"] = True
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- the training loop
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Clocked(torch.nn.Module):
+    """A model whose every training forward takes exactly one second of a fake clock."""
+
+    def __init__(self, inner: torch.nn.Module, clock: FakeClock):
+        super().__init__()
+        self.inner, self.clock = inner, clock
+
+    def forward(self, *args, **kwargs):
+        self.clock.now += 1.0
+        return self.inner(*args, **kwargs)
+
+
+def tiny_run(tmp_path, log_interval: int, model: torch.nn.Module | None = None, max_steps: int = 10, grad_accum: int = 2,
+             eval_interval: int = 10, ckpt_interval: int = 10, evaluate=lambda: {"val_loss": 0.0}, save=lambda *a: None, tokens_per_step=None):
+    """fit() on a 1-layer LilLM with fixed random batches; returns (logged rows, final metrics, batch calls)."""
+    from lillm.train import DistInfo, RunLogger, TrainConfig, fit
+
+    torch.manual_seed(0)
+    model = model or LilLM(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16))
+    data = torch.randint(0, 64, (max_steps * grad_accum, 4, 17), generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def get_batch(step, micro):
+        calls.append((step, micro))
+        rows = data[step * grad_accum + micro]
+        return rows[:, :-1], rows[:, 1:]
+
+    cfg = TrainConfig(max_steps=max_steps, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0,
+                      grad_accum=grad_accum, eval_interval=eval_interval, ckpt_interval=ckpt_interval, log_interval=log_interval)
+    logger = RunLogger(tmp_path / f"log{log_interval}")
+    final = fit(model, DistInfo(0, 0, 1, torch.device("cpu")), cfg, get_batch, evaluate, save, logger, torch.float32,
+                tokens_per_step=tokens_per_step)
+    return logger.rows, final, calls, data
+
+
+def test_tokens_per_second_counts_training_steps_only(tmp_path, monkeypatch):
+    """Every training forward takes 1 s of a fake clock, every evaluation 100 s, every save 50 s: tokens/s must
+    be tokens / (forward seconds) exactly, the first window (compile, warm-up) left out."""
+    import lillm.train
+
+    clock = FakeClock()
+    monkeypatch.setattr(lillm.train, "time", clock)  # the loop's clock only; tqdm keeps the real one
+
+    def evaluate():
+        clock.now += 100.0
+        return {"val_loss": 0.0}
+
+    def save(*args):
+        clock.now += 50.0
+
+    model = Clocked(LilLM(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16)), clock)
+    rows, final, _, _ = tiny_run(tmp_path, log_interval=2, model=model, max_steps=6, grad_accum=2, eval_interval=1,
+                                 ckpt_interval=3, evaluate=evaluate, save=save, tokens_per_step=1000)
+    rates = {int(r["step"]): r["tokens_per_s"] for r in rows if "tokens_per_s" in r}
+    assert rates == {4: 500.0, 6: 500.0}  # 2 steps x 1000 tokens / (2 steps x 2 forwards x 1 s); step 2 skipped
+    assert final["train_seconds"] == 12.0  # 6 steps x 2 forwards, none of the 600 s of evals and 100 s of saves
+
+
+def test_step_path_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch):
+    """No .item()/.tolist()/float()/int()/bool() of a tensor in lillm's training step: the loop reads the loss and
+    gradient norm once per step that logs (here 2 of 10 steps, 20 micro-steps). The values logged equal those of a
+    run that logs every step, and the first equals the loss of the initial weights computed independently."""
+    import sys
+
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/lillm/" in caller:
+                reads.append((_name, caller.rsplit("/", 1)[-1], sys._getframe(1).f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    logged, _, calls, data = tiny_run(tmp_path, log_interval=5)
+    sparse = [r for r in logged if "train_loss" in r]
+    assert [name for name, *_ in reads] == ["tolist", "tolist"], reads
+    assert calls == [(s, m) for s in range(10) for m in range(2)]  # each micro-batch fetched once, in order
+    monkeypatch.undo()
+
+    dense, _, _, _ = tiny_run(tmp_path, log_interval=1)
+    by_step = {int(r["step"]): r for r in dense if "train_loss" in r}
+    for row in sparse:
+        assert row["train_loss"] == by_step[int(row["step"])]["train_loss"]
+        assert row["grad_norm"] == by_step[int(row["step"])]["grad_norm"]
+    assert [int(r["step"]) for r in sparse] == [5, 10]
+    torch.manual_seed(0)
+    initial = LilLM(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16))
+    with torch.no_grad():
+        first = sum(initial(data[m][:, :-1], data[m][:, 1:])[1].item() for m in range(2)) / 2
+    assert by_step[1]["train_loss"] == pytest.approx(first, rel=1e-6)
+
+
+def test_sft_evaluates_before_and_after_in_the_same_precision(base_checkpoint, tmp_path):
+    """bf16 autocast, learning rate 0 for one step: the weights do not move, so the held-out loss "after" must
+    equal the loss "before" exactly (computed in fp32 before and bf16 after, they differed by 4e-5 on this model)."""
+    import json
+
+    import sft_train
+
+    out = tmp_path / "sft"
+    sft_train.main(["--init", str(base_checkpoint), "--out_dir", str(out), "--log_dir", str(tmp_path / "runs"),
+                    "--batch_size", "4", "--max_conversations", "40", "--val_conversations", "20", "--eval_samples", "0",
+                    "--max_steps", "1", "--lr", "0", "--min_lr", "0", "--warmup_steps", "1", "--eval_interval", "1",
+                    "--ckpt_interval", "1", "--device", "cpu", "--dtype", "bf16"])
+    summary = json.loads((out / "meta.json").read_text())["summary"]
+    assert summary["val_loss"] == summary["val_loss_before"]
