@@ -21,8 +21,9 @@ from test_pretrain import REPO, TINY, pretrain_fails, run_script, train_losses
 # Constant learning rate (min_lr == lr, no warm-up): the schedule then does not depend on --max_steps, so a run
 # stopped at step 6 and resumed to 12 must equal a run of 12. Micro-batches of 2: rank r's micro-step m reads chunk
 # r * grad_accum + m, so 2 ranks x grad_accum 2 and 1 rank x grad_accum 4 see the same 8 sequences per step.
+# 3 validation batches: rank 0 evaluates 2, rank 1 one, and under FSDP joins rank 0's second forward idly.
 COMMON = ["pretrain.py", *TINY, "--batch_size", "2", "--lr", "3e-3", "--min_lr", "3e-3", "--warmup_steps", "0",
-          "--eval_interval", "6", "--ckpt_interval", "6"]
+          "--eval_interval", "6", "--ckpt_interval", "6", "--eval_batches", "3"]
 
 
 def free_port() -> int:
@@ -60,7 +61,27 @@ def test_fsdp_equals_ddp_equals_grad_accum(runs):
     for name in w_accum:
         np.testing.assert_allclose(w_fsdp[name], w_accum[name], atol=1e-5, rtol=0, err_msg=name)
         np.testing.assert_allclose(w_fsdp[name], w_ddp[name], atol=1e-5, rtol=0, err_msg=name)
+    val = [json.loads((runs / name / "meta.json").read_text())["metrics"]["val_loss"] for name in ("accum", "ddp", "fsdp")]
+    assert val[2] == pytest.approx(val[0], abs=1e-5) and val[2] == pytest.approx(val[1], abs=1e-5)
     assert "FSDP: rank 0 holds" in (runs / "fsdp.stdout").read_text()
+
+
+@pytest.mark.distributed
+def test_fsdp_sft_equals_one_process_with_grad_accum(base_checkpoint, tmp_path):
+    import sft_train
+    from test_sft_train import QUICK
+
+    # 17 held-out conversations in batches of 4: rank 0 has 3 batches, rank 1 two (plus one idle forward)
+    common = ["--init", str(base_checkpoint), *QUICK, "--val_conversations", "17", "--instruct_eval", "0",
+              "--max_steps", "6", "--eval_interval", "3", "--ckpt_interval", "6"]
+    sft_train.main([*common, "--grad_accum", "2", "--out_dir", str(tmp_path / "one"), "--log_dir", str(tmp_path / "l1")])
+    run_script(["sft_train.py", *common, "--fsdp", "--out_dir", str(tmp_path / "fsdp"), "--log_dir", str(tmp_path / "l2")], nproc=2)
+    np.testing.assert_allclose(train_losses(tmp_path / "l2"), train_losses(tmp_path / "l1"), atol=1e-5, rtol=0)
+    one, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    for name in one:
+        np.testing.assert_allclose(fsdp[name], one[name], atol=1e-5, rtol=0, err_msg=name)
+    meta_one, meta_fsdp = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "fsdp"))
+    assert meta_fsdp["summary"]["val_loss"] == pytest.approx(meta_one["summary"]["val_loss"], abs=1e-5)
 
 
 @pytest.mark.distributed
@@ -209,3 +230,13 @@ def test_fsdp_refusals_are_one_line(shards_dir, tmp_path, capsys):
     assert "--fsdp needs a process group: launch with torchrun" in pretrain_fails(capsys, *args)
     assert "--compile with --fsdp is not supported" in pretrain_fails(capsys, *args, "--compile")
     assert not (tmp_path / "o").exists()
+
+
+def test_fsdp_with_lora_is_refused_in_one_line(tmp_path, capsys):
+    import sft_train
+
+    with pytest.raises(SystemExit) as exit_info:
+        sft_train.main(["--init", str(tmp_path / "base"), "--fsdp", "--lora_rank", "4", "--out_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("sft_train.py: error: --fsdp with --lora_rank is not supported yet")
