@@ -1,9 +1,12 @@
-"""Closed-form accounting against counts taken from a real model."""
+"""Closed-form accounting against counts taken from a real model: parameters from its modules, FLOPs measured by
+PyTorch's FlopCounterMode on a real forward and backward pass, KV-cache bytes from a real allocation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from lillm.flops import (
     PEAK_BF16_FLOPS,
@@ -35,11 +38,29 @@ def test_parameter_count_formula(overrides):
     assert matmul_parameters(cfg) == linear  # the head counts once as a matmul even when tied
 
 
-def test_flops_per_token_formula():
-    cfg = ModelConfig(vocab_size=1000, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256)
-    expected = 6 * matmul_parameters(cfg) + 12 * 4 * 128 * 256
-    assert flops_per_token(cfg) == expected
-    assert flops_per_token(cfg, seq_len=512) - flops_per_token(cfg) == 12 * 4 * 128 * 256
+@pytest.mark.parametrize(
+    "overrides, seq_len",
+    [
+        ({}, 64),
+        ({}, 16),  # attention's share changes with the context; the matmul share does not
+        ({"tie_embeddings": False}, 32),
+        ({"n_kv_heads": 1, "ffn_hidden": 100, "n_layers": 3}, 48),
+        ({"n_heads": 8, "n_kv_heads": 8, "pos_encoding": "nope"}, 32),
+    ],
+)
+def test_flops_per_token_equal_flop_counter_measurement(overrides, seq_len):
+    """flops_per_token x tokens == the FLOPs PyTorch counts in one training step (forward + backward). SDPA runs
+    on its math backend, whose matmuls the counter sees (it does not count the fused CPU kernel); that path computes
+    the full T x T square, the convention flops_per_token documents."""
+    cfg = ModelConfig(**{**dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64), **overrides})
+    torch.manual_seed(0)
+    model = LilLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, seq_len))
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        _, loss = model(ids, ids)
+        loss.backward()
+    assert counter.get_total_flops() == flops_per_token(cfg, seq_len) * ids.numel()
 
 
 def test_kv_cache_bytes_match_allocation():
