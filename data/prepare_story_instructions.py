@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val_file", type=Path, help="held-out stories (default: TinyStories val)")
     p.add_argument("--out_dir", type=Path, default=Path("data/story_instruct"))
     p.add_argument("--n_words", type=int, default=3, help="words requested per story")
-    p.add_argument("--max_chars", type=int, default=900, help="skip longer stories (900 fits a 256-token context)")
+    p.add_argument("--max_chars", type=int, default=800,
+                   help="skip longer stories (800 characters fit a 256-token context with a 2048-token tokenizer)")
     p.add_argument("--common_words", type=int, default=COMMON_WORDS, help="never request the N most frequent words")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)

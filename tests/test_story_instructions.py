@@ -70,7 +70,7 @@ def test_every_story_gives_a_words_conversation_and_the_held_out_ones_come_from_
     val_stories = {s.strip() for s in stories(data_dir / "pretrain_tinystories_val.txt")}
     train_stories = {s.strip() for s in stories(data_dir / "pretrain_tinystories_train.txt")}
     val, train = read_lines(made / "story_instruct_val.jsonl"), read_lines(made / "story_instruct_train.jsonl")
-    assert len(val) > 1000 and len(train) > 10000
+    assert len(val) > 500 and len(train) > 6000
     by_start = {}
     for story in val_stories:
         by_start.setdefault(story[:40], []).append(story)
@@ -85,12 +85,12 @@ def test_every_story_gives_a_words_conversation_and_the_held_out_ones_come_from_
     train_replies = {r["messages"][1]["content"] for r in train if not r["source"].endswith("continue")}
     assert train_replies <= train_stories
     kinds = [r["source"] for r in val]
-    assert kinds.count("story_instruct/words") > 500 and kinds.count("story_instruct/begin") > 200
+    assert kinds.count("story_instruct/words") > 300 and kinds.count("story_instruct/begin") > 100
 
 
 def test_a_validation_story_in_the_training_file_is_left_out(data_dir: Path, tmp_path: Path):
     val = stories(data_dir / "pretrain_tinystories_val.txt")
-    leaked = [s for s in val if len(s) <= 900][:3]
+    leaked = [s for s in val if len(s) <= 600][:3]  # short enough to be used
     train_file = tmp_path / "train.txt"
     train_file.write_text("\n\n".join(leaked + stories(data_dir / "pretrain_tinystories_train.txt")[:100]) + "\n", encoding="utf-8")
     prepare.main(["--train_file", str(train_file), "--out_dir", str(tmp_path / "out")])
