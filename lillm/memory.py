@@ -95,3 +95,34 @@ def training_memory(
     else:
         gathered = 2 * _largest_unit_parameters(config) * (compute_bytes + FP32)  # this unit + the prefetched one
     return TrainingMemory(FP32 * params / n_ranks, FP32 * params / n_ranks, 2 * FP32 * params / n_ranks, activations, gathered)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m lillm.memory --dim 768 --n_layers 12 ... : the per-rank table for one model and micro-batch."""
+    import argparse
+    import dataclasses
+
+    p = argparse.ArgumentParser(prog="python -m lillm.memory", description=main.__doc__)
+    for f in dataclasses.fields(ModelConfig):
+        if f.type in (int, "int", float, "float"):
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch per rank")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--ranks", default="2,8", help="comma-separated rank counts to compare")
+    p.add_argument("--fp32", action="store_true", help="compute in fp32 (default: bf16 autocast / mixed precision)")
+    p.add_argument("--grad_checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    config = ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(args, f.name)})
+    setups = [("1 GPU", 1, "ddp")] + [(f"{s.upper()} x {n}", n, s) for n in map(int, args.ranks.split(",")) for s in ("ddp", "fsdp")]
+    print(f"{count_parameters(config) / 1e6:.1f}M parameters, micro-batch {args.batch_size} x {config.max_seq_len}, "
+          f"{'fp32' if args.fp32 else 'bf16'}" + (", grad checkpointing" if args.grad_checkpointing else "") + "; GiB per rank")
+    print(f"| setup | weights | gradients | Adam | activations | gathered/casts | total |\n|---|---|---|---|---|---|---|")
+    for label, n, strategy in setups:
+        m = training_memory(config, args.batch_size, None, n, strategy, 4 if args.fp32 else 2, args.grad_accum,
+                            args.grad_checkpointing)
+        cells = [m.weights, m.gradients, m.optimizer, m.activations, m.gathered, m.total]
+        print(f"| {label} | " + " | ".join(f"{c / 2**30:.2f}" for c in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
