@@ -11,6 +11,7 @@ that rounds to the quoted one at the quoted precision. A rendered note shows onl
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import nbformat
@@ -58,9 +59,9 @@ def quoted_number_errors(text: str, outputs: str, where: str) -> list[str]:
             errors.append(f"{where}: label {label!r} occurs {len(hits)} times followed by a number in the outputs (need 1)")
             continue
         shown = hits[0][1]
-        digits = len(quoted.split(".")[1]) if "." in quoted and "e" not in quoted.lower() else 0
         q, v = float(quoted.replace(",", "")), float(shown.replace(",", ""))
-        if abs(q - v) > 0.5 * 10**-digits * (1 + 1e-9) + 1e-12:
+        last_digit = 10.0 ** Decimal(quoted.replace(",", "")).as_tuple().exponent  # 1.50 -> 0.01, 7.6e-06 -> 1e-07
+        if abs(q - v) > 0.5 * last_digit * (1 + 1e-9):
             errors.append(f"{where}: quotes {quoted} for {label!r}, the output shows {shown}")
     return errors
 
@@ -149,3 +150,5 @@ def test_quoted_number_check_catches_a_drift():
     assert quoted_number_errors("3<!-- out: missing label -->", outputs, "x")
     assert quoted_number_errors("1.01<!-- out: ratio -->", outputs, "x")
     assert not quoted_number_errors("about 2.3<!-- out: nope inside: -->", outputs, "x")
+    assert not quoted_number_errors("7.6e-06<!-- out: diff -->", "diff 7.62e-06", "x")
+    assert quoted_number_errors("7.6e-06<!-- out: diff -->", "diff 7.7e-06", "x")
