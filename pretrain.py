@@ -165,11 +165,12 @@ def run(args: argparse.Namespace, info) -> None:
     # Resuming, the weights come through the one strict load path (names, shapes, tokenizer all checked).
     model = load_checkpoint(resume_dir, info.device).model.train() if state is not None else LilLM(config).to(info.device)
     model.gradient_checkpointing = args.grad_checkpointing
+    set_seed(args.seed, info.rank)  # the weights are rank 0's everywhere; dropout differs between ranks
     start_step, optimizer_state = 0, None
     if state is not None:
         check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         start_step, optimizer_state = state["step"], state["optimizer"]
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], info)
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
     if args.fsdp:
@@ -208,6 +209,7 @@ def run(args: argparse.Namespace, info) -> None:
 
     def save(step: int, optimizer, metrics: dict) -> None:
         weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
+        rng = rng_state(info)  # every rank's streams, gathered: also a collective
         if not info.is_main:
             return
         meta = {
@@ -220,7 +222,7 @@ def run(args: argparse.Namespace, info) -> None:
         }
         # The data position is (seed, step): batches are a pure function of them (lillm.data.sample_batch).
         trainer_state = {
-            "step": step, "optimizer": optimizer_state, "rng": rng_state(),
+            "step": step, "optimizer": optimizer_state, "rng": rng,
             "data": {"seed": args.seed, "next_step": step},
         }
         save_checkpoint(args.out_dir, weights, tokenizer_path, meta=meta, trainer_state=trainer_state)

@@ -284,6 +284,7 @@ def run(args: argparse.Namespace, info) -> None:
         if info.is_main:
             print(f"LoRA rank {args.lora_rank}: {trainable:,} trainable parameters of {model.num_parameters():,}")
     model.gradient_checkpointing = args.grad_checkpointing
+    set_seed(args.seed, info.rank)  # LoRA's initial adapters are rank 0's everywhere; dropout differs between ranks
 
     start_step, optimizer_state = 0, None
     if state is not None:
@@ -295,7 +296,7 @@ def run(args: argparse.Namespace, info) -> None:
             model.load_state_dict(resumed.model.state_dict())
         check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         start_step, optimizer_state = state["step"], state["optimizer"]
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], info)
         if start_step >= args.max_steps:
             raise ValueError(f"{args.out_dir} is already at step {start_step} >= --max_steps {args.max_steps}")
 
@@ -318,10 +319,11 @@ def run(args: argparse.Namespace, info) -> None:
 
     def save(step: int, optimizer, metrics: dict) -> None:
         weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
+        rng = rng_state(info)  # every rank's streams, gathered: also a collective
         if not info.is_main:
             return
         plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else weights
-        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(), "train_conversations": len(train),
+        state = {"step": step, "optimizer": optimizer_state, "rng": rng, "train_conversations": len(train),
                  "seed": args.seed}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)

@@ -119,14 +119,17 @@ def make_optimizer(
 # ---------------------------------------------------------------------------------------------- randomness
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def set_seed(seed: int, rank: int = 0) -> None:
+    """Seed Python's, numpy's and torch's RNGs (CUDA's included) with seed + rank. Scripts seed with rank 0
+    before building the model (the same initial weights on every rank), then with their rank before training,
+    so dropout masks differ between ranks. The data order draws from none of these: it is a function of
+    (seed, step) alone (lillm.data.sample_batch, lillm.sft_data.batch_indices)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
 
 
-def rng_state() -> dict:
-    """Every RNG a run draws from, to be stored in a checkpoint (weights_only-loadable types only)."""
+def _own_rng_state(device: torch.device | None) -> dict:
     state = {
         "python": list(random.getstate()[1]),
         "python_pos": random.getstate()[2],
@@ -134,17 +137,37 @@ def rng_state() -> dict:
         "numpy_pos": int(np.random.get_state()[2]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)  # this process's GPU only, never every visible one
     return state
 
 
-def restore_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def rng_state(info: DistInfo | None = None) -> dict:
+    """Every RNG a run draws from, for a checkpoint (weights_only-loadable types only): rank 0's at the top
+    level, and under "ranks" each rank's own (its CPU generators and its one GPU's), gathered from all ranks.
+    Under torchrun every rank must call it (a collective); one process needs no info."""
+    own = _own_rng_state(info.device if info is not None else None)
+    if info is None or info.world_size == 1:
+        return own
+    ranks: list = [None] * info.world_size
+    dist.all_gather_object(ranks, own)
+    return {**ranks[0], "ranks": ranks}
+
+
+def restore_rng_state(state: dict, info: DistInfo | None = None) -> None:
+    """Put this rank's saved RNG streams back. A rank the saving run did not have keeps its fresh set_seed
+    streams; a GPU state goes to this process's GPU whatever index it had when saved, so a resume on fewer
+    (or other) GPUs works."""
+    rank = info.rank if info is not None else 0
+    saved = state.get("ranks", [state])
+    if rank >= len(saved):
+        return
+    own = saved[rank]
+    random.setstate((3, tuple(own["python"]), own["python_pos"]))
+    np.random.set_state(("MT19937", np.array(own["numpy"], dtype=np.uint32), own["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(own["torch"])
+    if "cuda" in own and info is not None and info.device.type == "cuda":
+        torch.cuda.set_rng_state(own["cuda"], info.device)
 
 
 # ---------------------------------------------------------------------------------------------- logging

@@ -6,6 +6,7 @@ The GPU itself is exercised by bench/gpu_check.sh; its CPU dry run is the last t
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -224,7 +225,6 @@ def test_step_path_reads_nothing_from_the_device_between_log_steps(tmp_path, mon
     """No .item()/.tolist()/float()/int()/bool() of a tensor in lillm's training step: the loop reads the loss and
     gradient norm once per step that logs (here 2 of 10 steps, 20 micro-steps). The values logged equal those of a
     run that logs every step, and the first equals the loss of the initial weights computed independently."""
-    import sys
 
     reads = []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
@@ -270,3 +270,100 @@ def test_sft_evaluates_before_and_after_in_the_same_precision(base_checkpoint, t
                     "--ckpt_interval", "1", "--device", "cpu", "--dtype", "bf16"])
     summary = json.loads((out / "meta.json").read_text())["summary"]
     assert summary["val_loss"] == summary["val_loss_before"]
+
+
+# ---------------------------------------------------------------------------------------------- randomness per rank
+
+
+def test_rng_state_holds_only_this_processs_gpu_and_restores_onto_fewer_gpus(monkeypatch):
+    """Saved by rank 0 of a run on cuda:3 of an 8-GPU machine, restored by a run with 1 GPU (cuda:0): the
+    state holds one GPU state (not 8) and it goes to the restoring process's own GPU. CUDA is faked: only the
+    four RNG-state calls are replaced, the rest is the real code path."""
+    from lillm.train import DistInfo, restore_rng_state, rng_state
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.full((16,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state.tolist())))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every visible GPU"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restored every visible GPU"))
+
+    state = rng_state(DistInfo(0, 3, 1, torch.device("cuda", 3)))
+    assert calls == [("get", torch.device("cuda", 3))] and state["cuda"].tolist() == [7] * 16
+    assert sorted(state) == ["cuda", "numpy", "numpy_pos", "python", "python_pos", "torch"]
+    restore_rng_state(state, DistInfo(0, 0, 1, torch.device("cuda", 0)))
+    assert calls[1:] == [("set", torch.device("cuda", 0), [7] * 16)]
+
+    cpu_state = rng_state(DistInfo(0, 0, 1, torch.device("cpu")))
+    assert "cuda" not in cpu_state
+    restore_rng_state(state, DistInfo(0, 0, 1, torch.device("cpu")))  # a GPU checkpoint resumed on a CPU
+    assert len(calls) == 2
+
+
+def test_each_rank_restores_its_own_streams_and_an_extra_rank_keeps_its_seed():
+    from lillm.train import DistInfo, _own_rng_state, restore_rng_state, set_seed
+
+    streams = []
+    for rank in range(2):
+        set_seed(5, rank)
+        streams.append(_own_rng_state(None))
+    saved = {**streams[0], "ranks": streams}  # the layout rng_state gathers under torchrun
+    expected = []
+    for rank in range(2):
+        set_seed(5, rank)
+        expected.append(torch.rand(4))
+    for rank in range(2):
+        set_seed(99)
+        restore_rng_state(saved, DistInfo(rank, rank, 2, torch.device("cpu")))
+        assert torch.equal(torch.rand(4), expected[rank])
+    set_seed(5, 2)
+    fresh = torch.rand(4)
+    set_seed(5, 2)
+    restore_rng_state(saved, DistInfo(2, 2, 3, torch.device("cpu")))  # resumed with 3 processes
+    assert torch.equal(torch.rand(4), fresh)
+
+
+def test_ranks_draw_different_dropout_masks_but_the_same_batches(shards_dir):
+    """After set_seed(seed, rank), two ranks' dropout masks differ (they were identical with one seed for all),
+    while the data order, a function of (seed, step), does not depend on any RNG state."""
+    from lillm.data import open_shards, sample_batch
+    from lillm.train import set_seed
+
+    shards = open_shards(shards_dir, 32)
+    dropout = torch.nn.Dropout(0.1)
+    masks, batches = [], []
+    for rank in range(2):
+        set_seed(1337, rank)
+        masks.append(dropout(torch.ones(4, 32, 64)) == 0)
+        batches.append(sample_batch(shards.train, 4, 32, 1337, step=3, chunk=0))
+    assert not torch.equal(masks[0], masks[1])
+    assert 0.05 < masks[0].float().mean() < 0.15
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+
+
+# ---------------------------------------------------------------------------------------------- the GPU check script
+
+
+def test_gpu_check_dry_run_on_cpu(data_dir, tmp_path):
+    """bench/gpu_check.sh --device cpu: tokenizer, shards, pretraining with a resume half-way, the measurements,
+    and the markdown table; about a minute on an idle 2-core machine. The numbers it prints on a CPU only prove
+    that every step runs, except these, which hold on any device."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--device", "cpu", "--data", str(data_dir), "--out", str(tmp_path)],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = dict(line.strip("|").split(" | ", 1) for line in result.stdout.splitlines()[2:])
+    table = {k.strip(): v.strip() for k, v in table.items()}
+    assert (tmp_path / "gpu_check.md").read_text() == result.stdout
+    assert table["GPU"].startswith("none (CPU dry run")
+    assert table["pretraining"].endswith("steps 0-10, then `--resume` to step 20 (checkpoint at step 20)")
+    assert float(table["tokens/s (training steps only; mean of the logged windows)"].replace(",", "")) > 0
+    assert table["host syncs per training step (on a CPU: tensor reads in lillm code, counted)"] == \
+        "0 in each of 18 steps that do not log; 1 at a step that logs (log_interval 10)"
+    assert table["rotary angle error in bf16, positions 64-127"].startswith("0 rad now")
+    assert table["SDPA kernel: decoding one token after the cache, bf16"] == "_scaled_dot_product_flash_attention_for_cpu"
+    assert table["wall time of this check"].endswith(" s")
