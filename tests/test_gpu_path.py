@@ -367,3 +367,55 @@ def test_gpu_check_dry_run_on_cpu(data_dir, tmp_path):
     assert table["rotary angle error in bf16, positions 64-127"].startswith("0 rad now")
     assert table["SDPA kernel: decoding one token after the cache, bf16"] == "_scaled_dot_product_flash_attention_for_cpu"
     assert table["wall time of this check"].endswith(" s")
+
+
+# ---------------------------------------------------------------------------------------------- teardown and decoding
+
+
+def test_teardown_waits_for_every_rank_on_success_and_leaves_at_once_on_error(tmp_path, monkeypatch):
+    """A real (one-process, gloo) process group: cleanup_distributed passes a barrier before destroying it on a
+    normal exit, and skips the barrier while an exception propagates (the other ranks may be elsewhere)."""
+    import torch.distributed as dist
+
+    from lillm.train import cleanup_distributed
+
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1) or real_barrier(*a, **k))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store_ok'}", rank=0, world_size=1)
+    cleanup_distributed()
+    assert barriers == [1] and not dist.is_initialized()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store_error'}", rank=0, world_size=1)
+    with pytest.raises(SystemExit):
+        try:
+            raise SystemExit(2)  # what a script's error boundary raises for a bad input
+        finally:
+            cleanup_distributed()
+    assert barriers == [1] and not dist.is_initialized()
+
+
+def test_decoding_reads_the_device_once_per_token(monkeypatch):
+    """generate_ids reads one value per new token (the token itself) and generate_batch one list per step; the
+    tokens equal those of decoding without the cache."""
+    from lillm.generate import SamplingConfig, generate_batch, generate_ids
+
+    model = position_sensitive_model()
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=12, stop_ids=())
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            if "/lillm/" in sys._getframe(1).f_code.co_filename:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    tokens = list(generate_ids(model, [5, 6, 7], cfg))
+    assert len(tokens) == 12 and reads == ["__int__"] * 12
+    reads.clear()
+    batch = generate_batch(model, [[5, 6, 7], [9]], cfg)
+    assert reads == ["tolist"] * 12 and batch[0] == tokens
+    monkeypatch.undo()
+    assert list(generate_ids(model, [5, 6, 7], cfg, use_cache=False)) == tokens
