@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -85,7 +86,7 @@ def test_fsdp_sft_equals_one_process_with_grad_accum(base_checkpoint, tmp_path):
 
 
 @pytest.mark.distributed
-def test_fsdp_checkpoint_resumes_bit_exactly_and_saves_full_optimizer_state(runs, shards_dir, tmp_path):
+def test_fsdp_checkpoint_resumes_bit_exactly_also_without_fsdp(runs, shards_dir, tmp_path):
     from lillm.checkpoint import load_trainer_state
 
     common = [*COMMON, "--data_dir", str(shards_dir), "--grad_accum", "2", "--fsdp", "--log_dir", str(tmp_path / "log")]
@@ -95,11 +96,17 @@ def test_fsdp_checkpoint_resumes_bit_exactly_and_saves_full_optimizer_state(runs
     shapes = {name: arr.shape for name, arr in weights(tmp_path / "half").items()}
     assert sorted(state["state"]) == list(range(len(shapes)))  # ids 0..n-1, as a plain optimizer numbers them
     assert sorted(tuple(s["exp_avg"].shape) for s in state["state"].values()) == sorted(shapes.values())
+    shutil.copytree(tmp_path / "half", tmp_path / "as_ddp")
     run_script([*common, "--max_steps", "12", "--out_dir", str(tmp_path / "half"), "--resume"], nproc=2)
     straight, resumed = weights(runs / "fsdp"), weights(tmp_path / "half")
     for name in straight:
         assert np.array_equal(straight[name], resumed[name]), f"{name} differs after resume"
     assert train_losses(tmp_path / "log") == train_losses(runs / "log_fsdp")
+    # The same checkpoint resumed without --fsdp (DDP): the folder does not depend on how it was trained.
+    ddp = [a for a in common if a != "--fsdp"]
+    run_script([*ddp, "--max_steps", "12", "--out_dir", str(tmp_path / "as_ddp"), "--log_dir", str(tmp_path / "log_ddp"), "--resume"], nproc=2)
+    for name, value in weights(tmp_path / "as_ddp").items():
+        np.testing.assert_allclose(value, straight[name], atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_fsdp_checkpoint_loads_in_inference_on_one_process(runs, capsys):
