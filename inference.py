@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--seed", type=int, help="fix the sampling randomness")
     p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
+    p.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
     p.add_argument("--no_cache", action="store_true", help="re-run the whole sequence every step (slow; to compare)")
     return p.parse_args(argv)
 

@@ -84,18 +84,9 @@ def speed(stats: GenerationStats) -> str:
     return f"{stats.new_tokens} tokens in {stats.seconds:.1f} s · {stats.tokens_per_second:.1f} tokens/s"
 
 
-def build_demo(
-    checkpoint_dir,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_prompt_chars: int = 2000,
-    concurrency: int = 2,
-) -> gr.Blocks:
-    """The chat app for one checkpoint, queued with at most `concurrency` replies generated at once."""
-    if max_prompt_chars < 1 or concurrency < 1:
-        raise ValueError(f"max_prompt_chars and concurrency must be >= 1, got {max_prompt_chars} and {concurrency}")
-    ckpt = load_for_inference(checkpoint_dir, device, dtype)
-    defaults = SamplingConfig()
+def reply_function(ckpt, max_prompt_chars: int):
+    """The chat callback for one checkpoint: the app's notices (empty, too long, no room, no answer) or the
+    streamed reply with its speed line."""
 
     def respond(message: str, history: list[dict], system: str, temperature: float, top_k: float, top_p: float,
                 max_new_tokens: float) -> Iterator[tuple[str, str]]:
@@ -124,6 +115,23 @@ def build_demo(
             yield f"{NOTICE_START}could not be answered: {e}.", ""
             return
         yield reply, speed(stats)
+
+    return respond
+
+
+def build_demo(
+    checkpoint_dir,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_prompt_chars: int = 2000,
+    concurrency: int = 2,
+) -> gr.Blocks:
+    """The chat app for one checkpoint, queued with at most `concurrency` replies generated at once."""
+    if max_prompt_chars < 1 or concurrency < 1:
+        raise ValueError(f"max_prompt_chars and concurrency must be >= 1, got {max_prompt_chars} and {concurrency}")
+    ckpt = load_for_inference(checkpoint_dir, device, dtype)
+    defaults = SamplingConfig()
+    respond = reply_function(ckpt, max_prompt_chars)
 
     max_tokens = ckpt.config.max_seq_len // 2  # chat_prompt_ids keeps at most half the context for the reply
     with gr.Blocks(title="lillm chat", analytics_enabled=False) as demo:
@@ -162,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=cli.positive_int, default=2, help="replies generated at once; the rest wait in line")
     p.add_argument("--max_prompt_chars", type=cli.positive_int, default=2000, help="longer messages get a polite refusal")
     p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
+    p.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
     return p.parse_args(argv)
 
 

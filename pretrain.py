@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--log_interval", type=int, default=10)
     train.add_argument("--seed", type=int, default=1337)
     train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
-    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
+    train.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (after the DDP wrap); for GPUs")
     train.add_argument("--deterministic", action="store_true",
                        help="deterministic CUDA kernels: bit-exact resumes on GPUs too, somewhat slower")

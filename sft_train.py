@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--log_interval", type=int, default=10)
     train.add_argument("--seed", type=int, default=1337)
     train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
-    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
+    train.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
     train.add_argument("--deterministic", action="store_true",

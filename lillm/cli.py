@@ -24,7 +24,13 @@ EXPECTED_ERRORS = (ValueError, OSError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (argparse prints its usage block first)."""
+    """argparse that reports a bad argument in one line (argparse prints its usage block first), under the name
+    of the script that builds it, also when its main(argv) is called from Python."""
+
+    def __init__(self, *args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__file__")
+        kwargs.setdefault("prog", Path(caller).name if caller else None)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -83,6 +89,15 @@ def device(name: str) -> str:
             raise ValueError(f"device {name!r}: MPS is not available on this machine; use --device cpu (or auto)")
     elif parsed.type != "cpu":
         raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+@_argument
+def dtype(name: str) -> str:
+    """A --dtype lillm.devices.resolve_dtype knows (checked now, not after the data is read)."""
+    from lillm.devices import resolve_dtype
+
+    resolve_dtype(name, torch.device("cpu"))
     return name
 
 
