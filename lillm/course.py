@@ -160,7 +160,7 @@ def pretrain_base(rebuild: bool = False) -> Path:
     from lillm.model import LilLM, ModelConfig
 
     shards = data.open_shards(shards_dir(), BASE_RECIPE["model"]["max_seq_len"])
-    recipe = {**BASE_RECIPE, "tokenizer_sha256": shards.meta["tokenizer_sha256"]}
+    recipe = {**BASE_RECIPE, "shards": SHARDS_RECIPE, "tokenizer_sha256": shards.meta["tokenizer_sha256"]}
     if not rebuild and _is_current(BASE / checkpoint.META_FILE, recipe):
         return BASE
     r, seq = BASE_RECIPE, BASE_RECIPE["model"]["max_seq_len"]

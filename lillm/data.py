@@ -5,6 +5,9 @@ separated by EOS, read through a numpy memmap so a corpus larger than RAM costs 
 shards holds train.bin, val.bin, meta.json (dtype, counts, tokenizer hash) and the tokenizer.json they were
 made with.
 
+build_shards writes such a folder from any stream of documents (data/prepare_pretrain.py, the tests and the
+chapters all call it).
+
 Batches are a pure function of (seed, step, chunk): resuming at step s replays exactly what an uninterrupted run
 would have seen. Each optimizer step draws one global batch of windows, and a micro-batch is a contiguous slice
 of it (chunk = rank * grad_accum + micro_step), so N processes x A accumulation steps x B sequences see exactly
