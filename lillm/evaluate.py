@@ -10,9 +10,9 @@ because they do not depend on the tokenizer, which makes the score comparable ac
     HellaSwag  "<context>"                      then  " <ending>"
 
 The context is encoded once per item, and each choice is encoded on its own (with its leading space).
-The choices of a few items go through the model in one right-padded forward pass. With causal attention
-no position sees the padding after it, so no mask is needed. If context + choice is longer than the
-model's window, the context is cut from the left, as lm-eval-harness does.
+The context also goes through the model only once: its keys and values are cached, and the item's choices
+continue from that cache in one right-padded batch. If context + choice is longer than the model's window,
+the context is cut from the left, as lm-eval-harness does, and those items are scored as whole windows.
 
 Bits per byte is the validation loss in a unit that does not depend on the tokenizer: total nats over
 the text / ln 2 / the text's UTF-8 bytes. Tiny models score near chance on multiple choice long before
@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lillm.corpus import read_txt
 from lillm.data import file_sha256
+from lillm.model import KVCache
 from lillm.tokenizer import encode_ordinary, special_tokens
 
 # ---------------------------------------------------------------------------------------------- tasks and items
@@ -140,36 +141,85 @@ def _batches(items: Sequence[EncodedItem], batch_size: int):
         yield run
 
 
+def fits_window(item: EncodedItem, max_seq_len: int) -> bool:
+    """Whether every choice follows the whole context inside the model's window (no truncation needed)."""
+    return len(item.context) + max(len(choice) for choice in item.choices) <= max_seq_len + 1
+
+
+def _sum_by_row(n_rows: int, row_idx: list[int], logits: torch.Tensor, targets: list[int], device) -> torch.Tensor:
+    """Per row, the sum of log_softmax(logits)[target] over that row's entries (float64: long choices add up
+    hundreds of terms). Only the scored positions ever go through log_softmax."""
+    rows = torch.tensor(row_idx, dtype=torch.long, device=device)
+    picked = F.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    return torch.zeros(n_rows, dtype=torch.float64, device=device).index_add_(0, rows, picked.double())
+
+
+def _score_windows(model: torch.nn.Module, items: Sequence[EncodedItem]) -> list[float]:
+    """Every choice of the items as its own window (context truncated from the left), right-padded into one
+    batch. Causal attention: no position sees the padding after it, so no mask is needed."""
+    device = next(model.parameters()).device
+    rows = [fit_window(item.context, choice, model.config.max_seq_len) for item in items for choice in item.choices]
+    width = max(len(seq) for seq, _ in rows) - 1
+    inputs = torch.tensor([seq[:-1] + [seq[-1]] * (width - len(seq) + 1) for seq, _ in rows], device=device)
+    logits, _ = model(inputs)
+    # Row r's last n targets are predicted at input positions len-1-n .. len-2.
+    row_idx = [r for r, (_, n) in enumerate(rows) for _ in range(n)]
+    pos_idx = [len(seq) - 1 - n + j for seq, n in rows for j in range(n)]
+    targets = [t for seq, n in rows for t in seq[len(seq) - n :]]
+    return _sum_by_row(len(rows), row_idx, logits[row_idx, pos_idx], targets, device).tolist()
+
+
+def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem]) -> list[float]:
+    """Items that fit the window: each context runs through the model once (left-padded batch, KV cache), then
+    the cache is copied once per choice and all the choices run from it in one right-padded batch."""
+    device = next(model.parameters()).device
+    n_ctx = max(len(item.context) for item in items)
+    choices = [choice for item in items for choice in item.choices]
+    owner = torch.tensor([i for i, item in enumerate(items) for _ in item.choices], device=device)
+    width = max(len(choice) for choice in choices) - 1  # a choice's last token is a target, never an input
+    contexts = torch.tensor([[it.context[0]] * (n_ctx - len(it.context)) + it.context for it in items], device=device)
+    is_real = torch.tensor([[False] * (n_ctx - len(it.context)) + [True] * len(it.context) for it in items], device=device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, len(items), n_ctx + max(width, 1), device=device, dtype=dtype)
+    logits, _ = model(contexts, cache=cache, attention_mask=is_real)
+    # Each choice's first token is predicted by its context's last position.
+    sums = _sum_by_row(len(choices), list(range(len(choices))), logits[owner, -1], [c[0] for c in choices], device)
+    if width == 0:  # every choice is a single token
+        return sums.tolist()
+    cache.keys, cache.values = cache.keys[:, owner], cache.values[:, owner]  # one cache row per choice
+    inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in choices], device=device)
+    mask = torch.cat([is_real[owner], torch.ones(len(choices), width, dtype=torch.bool, device=device)], dim=1)
+    logits, _ = model(inputs, cache=cache, attention_mask=mask)
+    row_idx = [r for r, c in enumerate(choices) for _ in range(len(c) - 1)]
+    pos_idx = [j for c in choices for j in range(len(c) - 1)]
+    targets = [t for c in choices for t in c[1:]]
+    return (sums + _sum_by_row(len(choices), row_idx, logits[row_idx, pos_idx], targets, device)).tolist()
+
+
 @torch.no_grad()
 def choice_logprobs(
     model: torch.nn.Module, items: Sequence[EncodedItem], batch_size: int = 32, desc: str | None = None
 ) -> list[list[float]]:
-    """For each item, the summed log-probability of each choice's tokens given the context (float32).
+    """For each item, the summed log-probability of each choice's tokens given the context.
 
-    `model(ids)` must return (logits, _) like LilLM and have `config.max_seq_len`. desc: show a progress bar."""
+    Items that fit the model's window share one pass over their context (KV cache); the others are scored as
+    left-truncated windows. Batches hold about batch_size choices. `model` is a LilLM (or anything with its
+    forward signature, KV cache included, and `config`). desc: show a progress bar with that label."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
     max_seq_len = model.config.max_seq_len
     scores: list[list[float]] = [[] for _ in items]
     bar = tqdm(total=len(items), desc=desc, unit=" items", disable=desc is None, dynamic_ncols=True)
-    for run in _batches(items, batch_size):
-        rows = [fit_window(items[i].context, choice, max_seq_len) for i in run for choice in items[i].choices]
-        width = max(len(seq) for seq, _ in rows) - 1
-        inputs = torch.tensor([seq[:-1] + [seq[-1]] * (width - len(seq) + 1) for seq, _ in rows], device=device)
-        logits, _ = model(inputs)
-        # Only the scored positions go through log_softmax: row r's last n targets sit at inputs len-1-n .. len-2.
-        row_idx = torch.tensor([r for r, (_, n) in enumerate(rows) for _ in range(n)], device=device)
-        pos_idx = torch.tensor([len(seq) - 1 - n + j for seq, n in rows for j in range(n)], device=device)
-        targets = torch.tensor([t for seq, n in rows for t in seq[len(seq) - n:]], device=device)
-        token_logprobs = F.log_softmax(logits[row_idx, pos_idx].float(), dim=-1).gather(1, targets[:, None])[:, 0]
-        sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_idx, token_logprobs.double())
-        sums = sums.tolist()  # summed in float64: a long choice adds up hundreds of terms
-        r = 0
-        for i in run:
-            scores[i] = sums[r : r + len(items[i].choices)]
-            r += len(items[i].choices)
-        bar.update(len(run))
+    for shared in (True, False):
+        group = [i for i, item in enumerate(items) if fits_window(item, max_seq_len) == shared]
+        # Similar lengths batch together, so little of each batch is padding.
+        group.sort(key=lambda i: (len(items[i].context), max(map(len, items[i].choices))))
+        for run in _batches([items[i] for i in group], batch_size):
+            batch = [items[group[j]] for j in run]
+            sums = (_score_shared_context if shared else _score_windows)(model, batch)
+            for j, item in zip(run, batch):
+                scores[group[j]], sums = sums[: len(item.choices)], sums[len(item.choices) :]
+            bar.update(len(run))
     bar.close()
     return scores
 

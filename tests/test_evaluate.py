@@ -66,9 +66,9 @@ def loop_logprobs(logits_fn, tokenizer, item: ev.Item, max_seq_len: int) -> list
 
 
 def test_batched_scores_equal_a_per_choice_loop(tokenizer, data_dir):
-    max_seq_len = 40
+    max_seq_len = 64
     model = random_model(tokenizer.get_vocab_size(), max_seq_len)
-    items = [item for items in task_items(data_dir, 6).values() for item in items]
+    items = [item for items in task_items(data_dir, 8).values() for item in items]
     long_choice = " ".join(["the little dog ran home"] * 12)  # alone longer than the window
     items.append(ev.Item("long", "Question: which one?\nAnswer:", ("yes", long_choice, "no, it is not"), 0))
     lengths = [[len(encode_ordinary(tokenizer, item.context + " " + c)) for c in item.choices] for item in items]
@@ -77,6 +77,8 @@ def test_batched_scores_equal_a_per_choice_loop(tokenizer, data_dir):
 
     expected = [loop_logprobs(lambda x: model(x)[0], tokenizer, item, max_seq_len) for item in items]
     encoded = [ev.encode_item(tokenizer, item) for item in items]
+    fits = [ev.fits_window(item, max_seq_len) for item in encoded]
+    assert sum(fits) >= 4 and len(fits) - sum(fits) >= 4, "both scoring paths (shared context, windows) must be used"
     for batch_size in (1, 7, 64):
         got = ev.choice_logprobs(model, encoded, batch_size=batch_size)
         for g, e in zip(got, expected, strict=True):
@@ -95,29 +97,37 @@ def test_acc_norm_divides_by_utf8_bytes_not_characters():
 
 class OracleModel(nn.Module):
     """A test double that was told the answers: after any prefix of context + right choice it puts almost all
-    probability on the next right token; elsewhere it predicts a uniform distribution."""
+    probability on the next right token; elsewhere it predicts a uniform distribution. With a KV cache it keeps
+    the token ids it has read in the cache's key tensor (where a real model keeps their keys)."""
 
     def __init__(self, tokenizer, items: list[ev.Item], max_seq_len: int):
         super().__init__()
         self.config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), dim=8, n_layers=1, n_heads=1, n_kv_heads=1,
                                   max_seq_len=max_seq_len)
-        self.anchor = nn.Parameter(torch.zeros(1))  # tells the scorer the device
+        self.anchor = nn.Parameter(torch.zeros(1))  # tells the scorer the device and dtype
         self.trie: dict = {}
         for item in items:
             node = self.trie
             for token in encode_ordinary(tokenizer, item.context + " " + item.choices[item.label]):
                 node = node.setdefault(token, {})
 
-    def forward(self, input_ids):
-        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
-        for b, row in enumerate(input_ids.tolist()):
-            node = self.trie
-            for t, token in enumerate(row):
-                node = node.get(token)
-                if node is None:
-                    break
-                if len(node) == 1:
-                    logits[b, t, next(iter(node))] = 50.0
+    def forward(self, input_ids, cache=None, attention_mask=None):
+        B, T = input_ids.shape
+        history = input_ids
+        if cache is not None:
+            cache.keys[0, :, 0, cache.length : cache.length + T, 0] = input_ids.float()
+            cache.advance(T)
+            history = cache.keys[0, :, 0, : cache.length, 0].long()
+        is_real = attention_mask if attention_mask is not None else torch.ones_like(history, dtype=torch.bool)
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            node, offset = self.trie, history.shape[1] - T
+            for t, token in enumerate(history[b].tolist()):
+                if not is_real[b, t]:
+                    continue
+                node = node.get(token) if node is not None else None
+                if node is not None and len(node) == 1 and t >= offset:
+                    logits[b, t - offset, next(iter(node))] = 50.0
         return logits, None
 
 
@@ -143,6 +153,23 @@ def test_scores_equal_transformers_llama_on_the_same_weights(tokenizer, data_dir
         got = ev.choice_logprobs(model, [ev.encode_item(tokenizer, item) for item in items], batch_size=16)
         for item, g in zip(items, got, strict=True):
             expected = loop_logprobs(lambda x: reference(input_ids=x).logits, tokenizer, item, max_seq_len)
+            assert g == pytest.approx(expected, abs=1e-4, rel=0), (name, item.id)
+
+
+@pytest.mark.slow
+def test_smollm2_scores_equal_transformers_reading_the_same_gguf(smollm2_checkpoint, data_dir):
+    """Real weights: lillm's import of SmolLM2-135M-Instruct vs transformers' own GGUF reader, one forward per choice."""
+    transformers = pytest.importorskip("transformers")
+    from lillm.checkpoint import load_checkpoint
+    from lillm.hf import preset_gguf
+
+    gguf = preset_gguf("smollm2-135m-instruct")
+    reference = transformers.LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    ckpt = load_checkpoint(smollm2_checkpoint)
+    for name, items in task_items(data_dir, 20).items():
+        got = ev.choice_logprobs(ckpt.model, [ev.encode_item(ckpt.tokenizer, item) for item in items], batch_size=16)
+        for item, g in zip(items, got, strict=True):
+            expected = loop_logprobs(lambda x: reference(input_ids=x).logits, ckpt.tokenizer, item, ckpt.config.max_seq_len)
             assert g == pytest.approx(expected, abs=1e-4, rel=0), (name, item.id)
 
 
@@ -193,7 +220,10 @@ def random_checkpoint(tokenizer_path, tmp_path_factory) -> Path:
 
 
 def run_cli(module, args, capsys) -> tuple[int, str, str]:
-    code = module.main([str(a) for a in args])
+    try:
+        code = module.main([str(a) for a in args])
+    except SystemExit as e:  # the scripts' error boundary (lillm.cli) exits with 2
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
