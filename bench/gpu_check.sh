@@ -4,7 +4,8 @@
 #   bash bench/gpu_check.sh                  # cuda: the base preset, bf16, --compile, a --resume half-way
 #   bash bench/gpu_check.sh --device cpu     # the dry run CI runs: the same steps at tiny sizes (~1 min)
 #   options: --data DIR (pretrain_tinystories_{train,val}.txt; default: ../shared/data), --out DIR (default: a
-#            fresh temporary folder; the table is also written to DIR/gpu_check.md)
+#            fresh temporary folder; the table is also written to DIR/gpu_check.md); BATCH=16 bash ... for a
+#            GPU with less than ~40 GB (the default micro-batch is 32 x 1024 tokens)
 #
 # Steps: a tokenizer and token shards from the TinyStories text, pretrain.py to the middle, pretrain.py --resume
 # to the end (tokens/s, MFU and peak memory from its metrics.csv, training steps only), then bench/gpu_check.py:
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --data) DATA=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    -h|--help) sed -n 2,11p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -37,7 +38,7 @@ if [ "$DEVICE" = cpu ]; then  # tiny: the dry run proves every step runs, its nu
   EXTRA=()  # torch.compile on a 2-core CPU takes longer than the whole dry run
 else
   CHARS=0; VOCAB=8192; HALF=150; FULL=300; LOG=25
-  MODEL=(--preset base --batch_size 32 --grad_accum 1 --dtype bf16)
+  MODEL=(--preset base --batch_size "${BATCH:-32}" --grad_accum 1 --dtype bf16)
   EXTRA=(--compile)
 fi
 
