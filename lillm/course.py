@@ -8,7 +8,7 @@ of tokens, and the course's artifacts, one model carried from text to chat.
 
 Each artifact is rebuilt here, by the same recipe the chapter runs, whenever it is missing or was made from a
 different parent (its meta.json records the recipe and its parent's SHA-256), so every notebook still runs top
-to bottom on its own. chapters/artifacts/ is not versioned.
+to bottom on its own. chapters/artifacts/ is not versioned; $LILLM_ARTIFACTS_DIR (a folder inside the repository) moves it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 
 from lillm.paths import REPO_ROOT, default_data_file
 
-ARTIFACTS = REPO_ROOT / "chapters" / "artifacts"
+ARTIFACTS = Path(os.environ.get("LILLM_ARTIFACTS_DIR", REPO_ROOT / "chapters" / "artifacts"))  # inside the repo
 TOKENIZER = ARTIFACTS / "tokenizer.json"
 SHARDS = ARTIFACTS / "shards"
 BASE = ARTIFACTS / "base"
