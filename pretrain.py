@@ -57,6 +57,11 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
                  batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=1000,
                  eval_interval=100, ckpt_interval=250),
+    # cpu: the tiny shape for a 2048-token tokenizer and bf16 autocast (README, "A faster CPU recipe"): 2.5x the
+    # steps of tiny in about the same time on a 2-core CPU with native bf16.
+    "cpu": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256,
+                batch_size=8, grad_accum=1, lr=3e-3, min_lr=3e-4, warmup_steps=50, max_steps=2500,
+                eval_interval=250, ckpt_interval=500),
     "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=512,
                   batch_size=32, grad_accum=1, lr=1.5e-3, min_lr=1.5e-4, warmup_steps=200, max_steps=5000,
                   eval_interval=250, ckpt_interval=1000),
