@@ -41,6 +41,7 @@ from lillm.devices import resolve_dtype
 from lillm.generate import SamplingConfig, checkpoint_system_prompt, generate_batch
 from lillm.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from lillm.model import LilLM
+from lillm.sharding import checkpoint_payload, idle_forwards, shard_model
 from lillm.paths import default_data_file
 from lillm.sft_data import batch_indices
 from lillm.train import (
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora_rank", type=int, default=0, help="> 0: train rank-r adapters instead of all weights")
     lora.add_argument("--lora_alpha", type=float, help="adapter scale numerator (default: 2 * rank)")
@@ -114,6 +116,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--beta must be positive, got {args.beta}")
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max_pairs must be positive, got {args.max_pairs}")
+    if args.fsdp and args.lora_rank:
+        raise ValueError("--fsdp with --lora_rank is not supported yet (LoRA needs no gradients or Adam state for the "
+                         "frozen weights, so plain DDP usually fits): drop one of them")
 
 
 def pairs_file(args: argparse.Namespace, split: str) -> Path:
@@ -130,6 +135,8 @@ def held_out_logps(model: LilLM, data: PreferenceData, info, batch_size: int) ->
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         logps[rows], counts[rows] = pair_logps(model, data, rows, info.device)
+    most = -(-len(range(0, len(data), info.world_size)) // batch_size)  # batches of rank 0, which has the most
+    idle_forwards(model, most - -(-len(order) // batch_size), info.device)
     flat = all_reduce_sum(torch.cat([logps, counts]).flatten().tolist(), info)  # rows other ranks left at 0
     both = torch.tensor(flat, dtype=torch.float64).view(2 * len(data), 2)
     return both[: len(data)], both[len(data) :]
@@ -254,6 +261,8 @@ def run(args: argparse.Namespace, info) -> None:
         optimizer_state = state["optimizer"]
         restore_rng_state(state["rng"])
 
+    if args.fsdp:
+        shard_model(model, info.device, dtype)  # in place, after the reference pass and the resumed weights
     objective = DPOObjective(model, args.beta)
     chunks = info.world_size * args.grad_accum
     pair_tokens = [len(c) + len(r) - 2 for c, r in zip(train.chosen, train.rejected)]
@@ -276,10 +285,11 @@ def run(args: argparse.Namespace, info) -> None:
         return metrics
 
     def save(step: int, optimizer, metrics: dict) -> None:
+        weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
         if not info.is_main:
             return
-        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else model
-        state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "train_pairs": len(train),
+        plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else weights
+        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(), "train_pairs": len(train),
                  "beta": args.beta}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)

@@ -34,7 +34,8 @@ FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    """model, or a module inside it (e.g. the policy of lillm.dpo.DPOObjective), was sharded by shard_model."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def shard_model(model: LilLM, device: torch.device, dtype: torch.dtype) -> LilLM:
@@ -64,8 +65,10 @@ def set_gradient_sync(model: nn.Module, last_micro_step: bool) -> None:
     """Gradient accumulation under FSDP: on all but the last micro-step, keep the full gradients local (no
     reduce-scatter) and keep the gathered weights after backward (the next micro-step's forward needs them again);
     the last micro-step reduce-scatters the accumulated sum once and frees the full weights."""
-    model.set_requires_gradient_sync(last_micro_step)
-    model.set_reshard_after_backward(last_micro_step)
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_requires_gradient_sync(last_micro_step, recurse=False)
+            unit.set_reshard_after_backward(last_micro_step, recurse=False)
 
 
 def local_parameter_bytes(model: nn.Module) -> int:

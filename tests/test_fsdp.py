@@ -127,6 +127,26 @@ def test_fsdp_checkpoint_loads_in_inference_on_one_process(runs, capsys):
     assert out == prompt + tok.decode(list(ids)) + "\n"
 
 
+
+@pytest.mark.distributed
+def test_fsdp_dpo_equals_one_process_with_grad_accum(base_checkpoint, tmp_path):
+    """DPO trains a wrapper (lillm.dpo.DPOObjective) around the sharded policy: fit must still see FSDP.
+    (Any checkpoint will do for the arithmetic; the base one is cheaper to make than an SFT one.)"""
+    import dpo_train
+    from test_dpo_train import QUICK
+
+    # 33 held-out pairs in batches of 4: rank 0 has 5 batches, rank 1 four (plus one idle forward)
+    common = ["--init", str(base_checkpoint), *QUICK, "--val_pairs", "33", "--max_steps", "4", "--eval_interval", "4",
+              "--ckpt_interval", "4"]
+    dpo_train.main([*common, "--grad_accum", "2", "--out_dir", str(tmp_path / "one"), "--log_dir", str(tmp_path / "l1")])
+    run_script(["dpo_train.py", *common, "--fsdp", "--out_dir", str(tmp_path / "fsdp"), "--log_dir", str(tmp_path / "l2")], nproc=2)
+    np.testing.assert_allclose(train_losses(tmp_path / "l2"), train_losses(tmp_path / "l1"), atol=1e-5, rtol=0)
+    one, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    for name in one:
+        np.testing.assert_allclose(fsdp[name], one[name], atol=1e-5, rtol=0, err_msg=name)
+    s1, s2 = (json.loads((tmp_path / d / "meta.json").read_text())["summary"] for d in ("one", "fsdp"))
+    assert s2["val_margin"] == pytest.approx(s1["val_margin"], abs=1e-5)
+
 @pytest.mark.distributed
 def test_two_nodes_equal_one_node(runs, shards_dir, tmp_path):
     """Two torchrun launchers (one process each) meeting at a c10d rendezvous == one launcher with 2 processes."""
