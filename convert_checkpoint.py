@@ -17,14 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from lillm import hf
+from lillm import cli, hf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help=f"a preset ({', '.join(hf.PRESETS)}), a .gguf file, a Hugging Face Llama folder, "
                                   "or (with --to hf) a lillm checkpoint folder")
-    p.add_argument("out", help="the folder to write")
+    p.add_argument("out", type=cli.output_dir, help="the folder to write")
     p.add_argument("--to", choices=("lillm", "hf"), default="lillm", help="lillm checkpoint (default) or Hugging Face folder")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
     return p.parse_args(argv)
@@ -44,20 +44,17 @@ def read_source(source: str) -> hf.Imported:
     raise FileNotFoundError(f"{source} is neither a file, a folder nor a preset ({', '.join(hf.PRESETS)})")
 
 
+@cli.error_boundary("convert_checkpoint.py")  # a bad source, folder or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     start = time.perf_counter()
-    try:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-            raise ValueError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
-        if args.to == "hf":
-            hf.export_hf(args.source, out)
-        else:
-            hf.save_imported(read_source(args.source), out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
-        return 2
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+    if args.to == "hf":
+        hf.export_hf(args.source, out)
+    else:
+        hf.save_imported(read_source(args.source), out)
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 

@@ -17,15 +17,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from lillm import cli
 from lillm.chat import CHAT_TEMPLATE_VERSION, render
-from lillm.checkpoint import load_checkpoint, load_trainer_state, resolve, save_checkpoint
+from lillm.checkpoint import (
+    TRAINER_STATE_SCHEMA,
+    check_optimizer_state,
+    check_out_dir,
+    check_same_tokenizer,
+    load_checkpoint,
+    load_lora_adapters,
+    load_trainer_state,
+    resolve,
+    save_checkpoint,
+)
+from lillm.data import file_sha256
 from lillm.dpo import (
     DPOObjective,
     PreferenceData,
@@ -51,6 +62,7 @@ from lillm.train import (
     autocast,
     cleanup_distributed,
     fit,
+    make_optimizer,
     restore_rng_state,
     rng_state,
     set_seed,
@@ -58,12 +70,16 @@ from lillm.train import (
 )
 
 
+STATE_SCHEMA = {**TRAINER_STATE_SCHEMA, "train_pairs": int, "beta": float, "seed": int}  # what --resume reads
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init", type=Path, required=True, help="chat checkpoint folder (SFT or imported); also the reference")
-    p.add_argument("--out_dir", type=Path, default=Path("checkpoints/dpo"), help="checkpoint folder to write")
-    p.add_argument("--log_dir", type=Path, help="metrics folder (default: runs/<out_dir name>)")
+    p.add_argument("--out_dir", type=cli.output_dir, default=Path("checkpoints/dpo"), help="checkpoint folder to write")
+    p.add_argument("--log_dir", type=cli.output_dir, help="metrics folder (default: runs/<out_dir name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out_dir (same --init and data)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out_dir (refused otherwise)")
     data = p.add_argument_group("data")
     data.add_argument("--train_file", type=Path, help="preference jsonl (default: ../shared/data/prefs_train.jsonl)")
     data.add_argument("--val_file", type=Path, help="held-out pairs (default: ../shared/data/prefs_val.jsonl)")
@@ -72,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--max_seq_len", type=int, help="tokens per conversation (default and maximum: the model's context)")
     data.add_argument("--overflow", choices=["truncate", "drop"], default="truncate",
                       help="pairs longer than --max_seq_len: drop the prompt's oldest turns, or skip the pair")
-    data.add_argument("--system", help="system message ('' for none; default: the one --init was tuned with)")
+    data.add_argument("--system", type=cli.text, help="system message ('' for none; default: the one --init was tuned with)")
     train = p.add_argument_group("training")
     train.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     train.add_argument("--batch_size", type=int, default=4, help="pairs per micro-batch per process")
@@ -87,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--ckpt_interval", type=int, default=100)
     train.add_argument("--log_interval", type=int, default=10)
     train.add_argument("--seed", type=int, default=1337)
-    train.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
-    train.add_argument("--dtype", default="auto", help="auto (bf16 where supported), fp32 or bf16")
+    train.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    train.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 where supported), fp32 or bf16")
     train.add_argument("--grad_checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over ranks (FSDP2)")
     lora = p.add_argument_group("LoRA")
@@ -186,26 +202,35 @@ def plot_reward_accuracy(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+@cli.error_boundary("dpo_train.py")  # bad flags, data or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     info = setup_distributed(args.device)
     try:
         run(args, info)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"dpo_train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
         cleanup_distributed()
 
 
 def run(args: argparse.Namespace, info) -> None:
     check_args(args)
+    check_out_dir(args.out_dir, args.resume, args.overwrite)
     set_seed(args.seed)
     base = load_checkpoint(args.init, device=info.device)
     model, tokenizer, config = base.model, base.tokenizer, base.config
     seq_len = args.max_seq_len or config.max_seq_len
     if not 1 < seq_len <= config.max_seq_len:
         raise ValueError(f"--max_seq_len {seq_len} must be in 2..{config.max_seq_len} (the context of {args.init})")
+    state = resumed = None
+    if args.resume:  # everything the resume reads is checked before any data is read
+        resume_dir = resolve(args.out_dir)  # DIR, or DIR.old if a save was cut off
+        state = load_trainer_state(resume_dir, STATE_SCHEMA)
+        if state["seed"] != args.seed:
+            raise ValueError(f"{args.out_dir} was trained with --seed {state['seed']}; resume with the same seed")
+        check_same_tokenizer(resume_dir, file_sha256(base.directory / "tokenizer.json"), f"--init {args.init}")
+        resumed = load_checkpoint(resume_dir, device=info.device)
+        if resumed.config != config:
+            raise ValueError(f"checkpoint {resume_dir} is not a fine-tune of --init {args.init} (model configs differ)")
     system = checkpoint_system_prompt(base.meta) if args.system is None else (args.system or None)
     train = build_preference_data(tokenizer, read_preference_pairs(pairs_file(args, "train")), seq_len,
                                   args.overflow, system, args.max_pairs)
@@ -216,10 +241,9 @@ def run(args: argparse.Namespace, info) -> None:
     if info.is_main:
         print(f"train: {train.summary()}\nval:   {val.summary()}")
 
-    start_step, state = 0, None
-    if args.resume:
-        state = load_trainer_state(resolve(args.out_dir))  # DIR, or DIR.old if a save was cut off
-        same = (state.get("train_pairs"), state.get("beta"), "lora" in state) == (len(train), args.beta, bool(args.lora_rank))
+    start_step = 0
+    if state is not None:
+        same = (state["train_pairs"], state["beta"], "lora" in state) == (len(train), args.beta, bool(args.lora_rank))
         if not same:
             raise ValueError(f"{args.out_dir} was made with other data, --beta or LoRA settings; resume with the same flags")
         start_step = state["step"]
@@ -255,9 +279,10 @@ def run(args: argparse.Namespace, info) -> None:
     optimizer_state = None
     if state is not None:
         if args.lora_rank:
-            model.load_state_dict(state["lora"], strict=False)  # the adapters; the frozen base is --init
+            load_lora_adapters(model, state["lora"], resume_dir / "trainer_state.pt")  # the frozen base is --init
         else:
-            model.load_state_dict(load_checkpoint(resolve(args.out_dir), device=info.device).model.state_dict())
+            model.load_state_dict(resumed.model.state_dict())
+        check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         optimizer_state = state["optimizer"]
         restore_rng_state(state["rng"])
 
@@ -290,7 +315,7 @@ def run(args: argparse.Namespace, info) -> None:
             return
         plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else weights
         state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(), "train_pairs": len(train),
-                 "beta": args.beta}
+                 "beta": args.beta, "seed": args.seed}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)
         meta = {

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from lillm import cli
 from lillm.evaluate import TASKS, bits_per_byte, evaluate_task, get_task, load_items, sample_generations, tokenizer_sha256
 from lillm.fileio import atomic_write_text, check_output_file
 from lillm.generate import load_for_inference
@@ -26,7 +27,7 @@ from lillm.report import machine_info, read_stage_times, render_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (pretrain.py, sft_train.py, convert_checkpoint.py)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}; '' for none")
     p.add_argument("--limit", type=int, help="score only the first N items of each task (default: all)")
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the results as JSON")
     p.add_argument("--report", type=Path, help="write a Markdown report card for this checkpoint")
     p.add_argument("--stage_times", type=Path, help="speedrun.sh's stage_times.tsv, for the report")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    p.add_argument("--dtype", type=cli.dtype, default="auto", help="auto (bf16 on GPUs that support it, else fp32), fp32, bf16")
     return p.parse_args(argv)
 
 
@@ -114,18 +115,15 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+@cli.error_boundary("evaluate.py")  # bad flags, data or checkpoint: one line, exit status 2
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-        if args.out is not None:
-            atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-        if args.report is not None:
-            times = read_stage_times(args.stage_times) if args.stage_times else None
-            atomic_write_text(args.report, render_report([result], times, args.report))
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad flags, data or checkpoint; unknown device
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
+    result = run(args)
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if args.report is not None:
+        times = read_stage_times(args.stage_times) if args.stage_times else None
+        atomic_write_text(args.report, render_report([result], times, args.report))
     return 0
 
 

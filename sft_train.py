@@ -30,6 +30,7 @@ from lillm.checkpoint import (
     check_out_dir,
     check_same_tokenizer,
     load_checkpoint,
+    load_lora_adapters,
     load_trainer_state,
     resolve,
     save_checkpoint,
@@ -205,21 +206,6 @@ def im_end_rate(model: LilLM, tokenizer, prompts: list[Prompt], max_new_tokens: 
     return sum(ended) / len(ended), examples
 
 
-def load_adapters(model: LilLM, saved, path) -> None:
-    """Put saved LoRA adapters into `model`, refusing a missing, extra or misshapen adapter (load_state_dict
-    with strict=False would leave a missing one at its initial value without a word)."""
-    expected = lora_state_dict(model)
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: 'lora' must be a dict of adapter tensors, got {type(saved).__name__}; the file is damaged")
-    wrong = sorted(set(expected) ^ set(saved)) or [
-        name for name, t in expected.items() if not isinstance(saved[name], torch.Tensor) or saved[name].shape != t.shape
-    ]
-    if wrong:
-        raise CheckpointError(f"{path}: the saved LoRA adapters do not fit this model ({wrong[:3]}); "
-                              "resume with the same --lora_rank and --lora_targets")
-    model.load_state_dict(saved, strict=False)  # strict=False: only the adapters, checked above
-
-
 def trained_tokens(train: SFTDataset, args: argparse.Namespace, chunks: int, start_step: int) -> int:
     """Real (non-padding) input tokens of the steps this run made, over all ranks."""
     return sum(
@@ -291,7 +277,7 @@ def run(args: argparse.Namespace, info) -> None:
         if state["train_conversations"] != len(train) or ("lora" in state) != bool(args.lora_rank):
             raise ValueError(f"{args.out_dir} was made with other data or LoRA settings; resume with the same flags")
         if args.lora_rank:  # the adapters; the frozen base comes from --init
-            load_adapters(model, state["lora"], resume_dir / "trainer_state.pt")
+            load_lora_adapters(model, state["lora"], resume_dir / "trainer_state.pt")
         else:
             model.load_state_dict(resumed.model.state_dict())
         check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")

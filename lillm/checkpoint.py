@@ -389,3 +389,21 @@ def check_out_dir(directory: str | os.PathLike, resume: bool, overwrite: bool, f
             raise ValueError(f"{flag} {directory} already holds a checkpoint; pass --resume to continue it or "
                              "--overwrite to replace it")
     return directory
+
+
+def load_lora_adapters(model: torch.nn.Module, saved, path: str | os.PathLike) -> None:
+    """Put LoRA adapters saved in a trainer state into `model` (already wrapped with the same rank and targets),
+    refusing a missing, extra or misshapen adapter: load_state_dict(strict=False) alone would leave a missing
+    one at its initial value without a word."""
+    from lillm.lora import lora_state_dict
+
+    expected = lora_state_dict(model)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: 'lora' must be a dict of adapter tensors, got {type(saved).__name__}; the file is damaged")
+    wrong = sorted(set(expected) ^ set(saved)) or [
+        name for name, t in expected.items() if not isinstance(saved[name], torch.Tensor) or saved[name].shape != t.shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: the saved LoRA adapters do not fit this model ({wrong[:3]}); "
+                              "resume with the same LoRA flags (--lora_rank, --lora_targets, ...)")
+    model.load_state_dict(saved, strict=False)  # strict=False: only the adapters, checked above

@@ -26,6 +26,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import convert_checkpoint
+import dpo_train
+import evaluate as evaluate_cli
 import inference
 import inference_gradio
 import pretrain
@@ -89,6 +92,18 @@ def sft_run(base_checkpoint, data_dir, tmp_path_factory) -> tuple[Path, list[str
              "--batch_size", "4", "--warmup_steps", "1", "--eval_interval", "2", "--ckpt_interval", "2",
              "--eval_samples", "0", "--device", "cpu", "--dtype", "fp32", "--log_dir", str(out.parent / "runs")]
     sft_train.main([*flags, "--out_dir", str(out), "--max_steps", "2"])
+    return out, flags
+
+
+@pytest.fixture(scope="module")
+def dpo_run(base_checkpoint, data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A short real DPO run with its trainer state, and the flags that made it (to --resume it)."""
+    out = tmp_path_factory.mktemp("faults_dpo") / "dpo"
+    flags = ["--init", str(base_checkpoint), "--train_file", str(data_dir / "prefs_train.jsonl"),
+             "--val_file", str(data_dir / "prefs_val.jsonl"), "--max_pairs", "8", "--val_pairs", "4", "--batch_size", "2",
+             "--warmup_steps", "1", "--eval_interval", "2", "--ckpt_interval", "2", "--eval_samples", "0",
+             "--device", "cpu", "--dtype", "fp32", "--log_dir", str(out.parent / "runs")]
+    dpo_train.main([*flags, "--out_dir", str(out), "--max_steps", "2"])
     return out, flags
 
 
@@ -272,20 +287,40 @@ def _sft_resume(ckpt: Path, work: Path, ctx: dict):
     return sft_train.main, [*ctx["sft_flags"], "--out_dir", ckpt, "--resume", "--max_steps", 3], "sft_train.py"
 
 
-LOAD_PATHS = {"inference": _inference, "gradio": _gradio, "pretrain-resume": _pretrain_resume,
-              "sft-init": _sft_init, "sft-resume": _sft_resume}
-RESUME_PATHS = ("pretrain-resume", "sft-resume")
+def _evaluate(ckpt: Path, work: Path, ctx: dict):
+    return evaluate_cli.main, ["--checkpoint", ckpt, "--tasks", "arc_easy", "--limit", 2, "--device", "cpu",
+                               "--out", work / "sft_out" / "scores.json"], "evaluate.py"
+
+
+def _export_hf(ckpt: Path, work: Path, ctx: dict):
+    return convert_checkpoint.main, [ckpt, work / "sft_out", "--to", "hf"], "convert_checkpoint.py"
+
+
+def _dpo_init(ckpt: Path, work: Path, ctx: dict):
+    flags = [f for f in ctx["dpo_flags"]]
+    flags[flags.index("--init") + 1] = str(ckpt)
+    return dpo_train.main, [*flags, "--out_dir", work / "sft_out", "--max_steps", 2], "dpo_train.py"
+
+
+def _dpo_resume(ckpt: Path, work: Path, ctx: dict):
+    return dpo_train.main, [*ctx["dpo_flags"], "--out_dir", ckpt, "--resume", "--max_steps", 3], "dpo_train.py"
+
+
+LOAD_PATHS = {"inference": _inference, "gradio": _gradio, "evaluate": _evaluate, "export-hf": _export_hf,
+              "pretrain-resume": _pretrain_resume, "sft-init": _sft_init, "sft-resume": _sft_resume,
+              "dpo-init": _dpo_init, "dpo-resume": _dpo_resume}
+RESUME_PATHS = ("pretrain-resume", "sft-resume", "dpo-resume")
 CASES = [(path, damage) for path in LOAD_PATHS for damage in CHECKPOINT_DAMAGE] + [
     (path, damage) for path in RESUME_PATHS for damage in STATE_DAMAGE]
 
 
 @pytest.fixture
-def context(shards_dir, sft_run) -> dict:
-    return {"shards": shards_dir, "sft_dir": sft_run[0], "sft_flags": sft_run[1]}
+def context(shards_dir, sft_run, dpo_run) -> dict:
+    return {"shards": shards_dir, "sft_dir": sft_run[0], "sft_flags": sft_run[1], "dpo_dir": dpo_run[0], "dpo_flags": dpo_run[1]}
 
 
 def _good_checkpoint(path_name: str, ctx: dict, base_checkpoint: Path, work: Path) -> Path:
-    source = ctx["sft_dir"] if path_name == "sft-resume" else base_checkpoint
+    source = {"sft-resume": ctx.get("sft_dir"), "dpo-resume": ctx.get("dpo_dir")}.get(path_name) or base_checkpoint
     target = work / "ckpt" / source.name
     shutil.copytree(source, target)
     return target
@@ -311,7 +346,8 @@ def test_damaged_checkpoint_fails_in_one_line_and_writes_nothing(
     assert grown_mib < 300, f"peak memory grew by {grown_mib:.0f} MiB: something was built from an unchecked config"
 
 
-@pytest.mark.parametrize("path_name", ["inference", "pretrain-resume", "sft-init", "sft-resume"])
+@pytest.mark.parametrize("path_name", ["inference", "evaluate", "export-hf", "pretrain-resume", "sft-init", "sft-resume",
+                                       "dpo-init", "dpo-resume"])
 def test_the_undamaged_copy_loads(path_name, context, base_checkpoint, tmp_path, capsys):
     """The control for the cases above: the same copy, undamaged, goes through the same path."""
     ckpt = _good_checkpoint(path_name, context, base_checkpoint, tmp_path)
@@ -554,7 +590,56 @@ def prepare_cases(tmp: Path, tokenizer: Path) -> list[tuple[list, str]]:
     ]
 
 
-SCRIPT_CASES = {"inference": 19, "gradio": 12, "pretrain": 30, "sft": 26, "tokenizer": 13, "prepare": 9}
+def evaluate_cases(ckpt: Path, tmp: Path) -> list[tuple[list, str]]:
+    ok = ["--checkpoint", ckpt, "--tasks", "arc_easy", "--limit", "2", "--device", "cpu"]
+    return [(ok + a, m) for a, m in [
+        (["--checkpoint", ckpt / "model.safetensors"], "pass the checkpoint folder"),
+        (["--checkpoint", tmp / "missing"], "checkpoint folder not found"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--limit", "some"], "invalid int value: 'some'"),
+        (["--tasks", "mmlu"], "mmlu"),
+        (["--bpb", tmp / "missing.txt"], "missing.txt"),
+        (["--data_dir", tmp / "no_data"], "no_data"),
+    ] + _cuda_missing()]
+
+
+def convert_cases(ckpt: Path, tmp: Path) -> list[tuple[list, str]]:
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    return [
+        ([tmp / "missing", tmp / "out"], "is neither a file, a folder nor a preset"),
+        ([a_file, tmp / "out"], "expected a .gguf file"),
+        ([ckpt, a_file, "--to", "hf"], "argument out: path"),
+        ([ckpt, tmp / "out", "--to", "onnx"], "invalid choice: 'onnx'"),
+        ([ckpt / "config.json", tmp / "out", "--to", "hf"], "pass the checkpoint folder"),
+        ([ckpt, ckpt.parent, "--to", "hf"], "already exists and is not empty"),
+    ]
+
+
+def dpo_cases(ckpt: Path, tmp: Path, dpo_dir: Path, dpo_flags: list[str]) -> list[tuple[list, str]]:
+    a_file = tmp / "a_file"
+    a_file.write_text("x")
+    new = ["--init", ckpt, "--out_dir", tmp / "new", "--log_dir", tmp / "runs", "--device", "cpu", "--eval_samples", "0"]
+    resume = [*dpo_flags, "--out_dir", dpo_dir, "--resume", "--max_steps", "3"]
+    return [(new + a, m) for a, m in [
+        (["--init", tmp / "missing"], "checkpoint folder not found"),
+        (["--device", "bogus"], "unknown device 'bogus'"),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--beta", "0"], "--beta must be positive"),
+        (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+        (["--system", NOT_UTF8], "argument --system: not valid UTF-8"),
+        (["--out_dir", a_file], "argument --out_dir: path"),
+        (["--out_dir", ckpt], "already holds a checkpoint; pass --resume to continue it or --overwrite"),
+        (["--out_dir", tmp / "nothing", "--resume"], "nothing to --resume"),
+    ] + _cuda_missing()] + [
+        ([*resume, "--seed", "7"], "was trained with --seed 1337; resume with the same seed"),
+        ([*resume, "--beta", "0.3"], "was made with other data, --beta or LoRA settings"),
+    ]
+
+
+SCRIPT_CASES = {"inference": 19, "gradio": 12, "pretrain": 30, "sft": 26, "tokenizer": 13, "prepare": 9,
+                "evaluate": 9, "convert": 6, "dpo": 12}
 
 
 def _script_cases(script: str, ctx: dict, tmp: Path):
@@ -568,6 +653,12 @@ def _script_cases(script: str, ctx: dict, tmp: Path):
         return sft_train.main, "sft_train.py", sft_cases(ctx["ckpt"], tmp, ctx["sft_dir"], ctx["sft_flags"])
     if script == "tokenizer":
         return train_custom_tokenizer.main, "train_custom_tokenizer.py", tokenizer_cases(tmp)
+    if script == "evaluate":
+        return evaluate_cli.main, "evaluate.py", evaluate_cases(ctx["ckpt"], tmp)
+    if script == "convert":
+        return convert_checkpoint.main, "convert_checkpoint.py", convert_cases(ctx["ckpt"], tmp)
+    if script == "dpo":
+        return dpo_train.main, "dpo_train.py", dpo_cases(ctx["ckpt"], tmp, ctx["dpo_dir"], ctx["dpo_flags"])
     return prepare_pretrain.main, "prepare_pretrain.py", prepare_cases(tmp, ctx["tokenizer"])
 
 
@@ -592,7 +683,7 @@ def test_bad_flag_fails_in_one_line(script, index, context, base_checkpoint, tok
     message = fails(capsys, main, argv, name)
     assert expected in message, message
     assert folder_hash(ckpt) == before
-    for output in ("new", "shards", "tok.json"):
+    for output in ("new", "shards", "tok.json", "out"):
         assert not (tmp_path / output).is_file() and not any((tmp_path / output).rglob("*")), output
 
 
@@ -603,7 +694,7 @@ def test_every_case_list_is_counted(context, base_checkpoint, tokenizer_path, tm
         work = tmp_path / script
         work.mkdir()
         cases = _script_cases(script, ctx, work)[2]
-        assert len(cases) + torch.cuda.is_available() * (script in ("inference", "gradio", "pretrain", "sft")) == count, script
+        assert len(cases) + torch.cuda.is_available() * (script in ("inference", "gradio", "pretrain", "sft", "evaluate", "dpo")) == count, script
 
 
 # ---------------------------------------------------------------------------------------------- overwrite

@@ -204,8 +204,10 @@ def test_convert_refuses_what_lillm_cannot_express_in_one_line(tmp_path, capsys,
               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
-    assert convert_checkpoint.main([str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        convert_checkpoint.main([str(tmp_path / "src"), str(tmp_path / "out")])
     err = capsys.readouterr().err
+    assert exit_info.value.code == 2
     assert err.startswith("convert_checkpoint.py: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
@@ -222,8 +224,10 @@ def test_convert_bad_sources_exit_2(tmp_path, capsys, smollm2_checkpoint):
         ([str(fake), str(tmp_path / "o3")], "is not a readable GGUF file"),
         ([str(tmp_path), str(smollm2_checkpoint)], "already exists and is not empty"),
     ):
-        assert convert_checkpoint.main(args) == 2
+        with pytest.raises(SystemExit) as exit_info:
+            convert_checkpoint.main(args)
         err = capsys.readouterr().err
+        assert exit_info.value.code == 2
         assert err.startswith("convert_checkpoint.py: error: ") and message in err and err.count("\n") == 1, err
 
 
