@@ -405,7 +405,7 @@ def _gguf_weights(reader, config: ModelConfig, where: str, progress: bool) -> It
     """(Llama name, dequantised float32 tensor) for every tensor, Q/K rows back in the half-split layout."""
     import numpy as np
     from gguf.quants import dequantize
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns even when disabled
 
     for tensor in tqdm(reader.tensors, desc="dequantising", unit="tensor", disable=not progress):
         found = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor.name)
