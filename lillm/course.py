@@ -180,13 +180,12 @@ def pretrain_base(rebuild: bool = False) -> Path:
     with torch.no_grad():
         first = evaluate()["val_loss"]
     rows = _fit_quietly(model, cfg, lambda step, micro: data.sample_batch(shards.train, r["batch_size"], seq, r["data_seed"], step), evaluate)
-    history = {"step": [0], "train_loss": [], "val_step": [0], "val_loss": [first]}
-    for row in rows:
-        if "train_loss" in row:
-            history["step"].append(row["step"]); history["train_loss"].append(row["train_loss"])
-        if "val_loss" in row:
-            history["val_step"].append(row["step"]); history["val_loss"].append(row["val_loss"])
-    history["step"] = history["step"][1:]
+    history = {
+        "step": [row["step"] for row in rows if "train_loss" in row],
+        "train_loss": [row["train_loss"] for row in rows if "train_loss" in row],
+        "val_step": [0] + [row["step"] for row in rows if "val_loss" in row],
+        "val_loss": [first] + [row["val_loss"] for row in rows if "val_loss" in row],
+    }
     val_bpb = history["val_loss"][-1] / math.log(2) / shards.val_bytes_per_token
     meta = {"stage": "base", "step": r["max_steps"], "val_bpb": val_bpb, "history": history, "recipe": recipe}
     checkpoint.save_checkpoint(BASE, model, shards.tokenizer_path, meta=meta)
