@@ -2,9 +2,10 @@
 
 DDP keeps a full copy of the weights, gradients and Adam moments on every rank: 16 bytes per parameter, whatever
 the number of GPUs. FSDP cuts each of them into N pieces (dim 0 of every tensor, one piece per rank). Before a
-Block runs, its pieces are all-gathered into the full weights; after it ran they are dropped again; in backward its
-gradients are reduce-scattered, so each rank only ever keeps the gradient (and the Adam moments) of its own piece.
-Peak memory becomes 16/N bytes per parameter plus one Block's full weights at a time.
+Block runs (forward, and again in backward), its pieces are all-gathered into the full weights and dropped right
+after; its gradients are reduce-scattered, so each rank keeps the gradient (and the Adam moments) of its own piece.
+Per rank that is 16/N bytes per parameter plus the full weights of the Block in flight, and the activations, which
+sharding does not touch (lillm.memory counts each part).
 
 The checkpoint folder stays the one a single process writes (lillm.checkpoint): on save the shards are gathered
 into one full state dict on rank 0's CPU, and the optimizer state into the same id-keyed layout that
