@@ -4,6 +4,7 @@ memory per rank at 2 ranks; lillm.memory's activation count against torch's save
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -23,8 +24,9 @@ from test_pretrain import REPO, TINY, pretrain_fails, run_script, train_losses
 # stopped at step 6 and resumed to 12 must equal a run of 12. Micro-batches of 2: rank r's micro-step m reads chunk
 # r * grad_accum + m, so 2 ranks x grad_accum 2 and 1 rank x grad_accum 4 see the same 8 sequences per step.
 # 3 validation batches: rank 0 evaluates 2, rank 1 one, and under FSDP joins rank 0's second forward idly.
+# --grad_clip 0.3 is below every step's gradient norm here (0.5-0.7): each step clips, with the norm over all shards.
 COMMON = ["pretrain.py", *TINY, "--batch_size", "2", "--lr", "3e-3", "--min_lr", "3e-3", "--warmup_steps", "0",
-          "--eval_interval", "6", "--ckpt_interval", "6", "--eval_batches", "3"]
+          "--eval_interval", "6", "--ckpt_interval", "6", "--eval_batches", "3", "--grad_clip", "0.3"]
 
 
 def free_port() -> int:
@@ -57,6 +59,8 @@ def test_fsdp_equals_ddp_equals_grad_accum(runs):
     np.testing.assert_allclose(fsdp, accum, atol=1e-5, rtol=0)
     np.testing.assert_allclose(fsdp, ddp, atol=1e-5, rtol=0)
     assert accum[-1] < accum[0] - 0.2  # it learned something
+    with open(runs / "log_accum" / "metrics.csv") as f:
+        assert min(float(r["grad_norm"]) for r in csv.DictReader(f) if r.get("grad_norm")) > 0.3  # so every step clipped
     w_accum, w_ddp, w_fsdp = (weights(runs / name) for name in ("accum", "ddp", "fsdp"))
     assert sorted(w_fsdp) == sorted(w_accum)  # same file layout: the tied embedding/head matrix stored once
     for name in w_accum:
