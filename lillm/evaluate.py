@@ -82,10 +82,14 @@ def load_items(task: Task, path: str | os.PathLike, limit: int | None = None) ->
     if not path.is_file():
         raise FileNotFoundError(f"{task.name} data not found: {path} (pass --data_dir with {task.file})")
     items: list[Item] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
             if limit is not None and len(items) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:

@@ -592,7 +592,12 @@ def prepare_cases(tmp: Path, tokenizer: Path) -> list[tuple[list, str]]:
 
 def evaluate_cases(ckpt: Path, tmp: Path) -> list[tuple[list, str]]:
     ok = ["--checkpoint", ckpt, "--tasks", "arc_easy", "--limit", "2", "--device", "cpu"]
+    latin1 = tmp / "latin1_data"
+    latin1.mkdir()
+    item = {"id": "1", "question": "Which?", "choices": ["a", "b"], "label": 0}
+    (latin1 / "eval_arc_easy_test.jsonl").write_bytes(json.dumps(item).encode() + b'\n{"id": "caf\xe9"}\n')
     return [(ok + a, m) for a, m in [
+        (["--data_dir", latin1], f"{latin1 / 'eval_arc_easy_test.jsonl'}:2: not valid UTF-8"),
         (["--checkpoint", ckpt / "model.safetensors"], "pass the checkpoint folder"),
         (["--checkpoint", tmp / "missing"], "checkpoint folder not found"),
         (["--device", "bogus"], "unknown device 'bogus'"),
@@ -622,7 +627,10 @@ def dpo_cases(ckpt: Path, tmp: Path, dpo_dir: Path, dpo_flags: list[str]) -> lis
     a_file.write_text("x")
     new = ["--init", ckpt, "--out_dir", tmp / "new", "--log_dir", tmp / "runs", "--device", "cpu", "--eval_samples", "0"]
     resume = [*dpo_flags, "--out_dir", dpo_dir, "--resume", "--max_steps", "3"]
+    latin1 = tmp / "latin1_prefs.jsonl"
+    latin1.write_bytes(b'{"prompt": [{"role": "user", "content": "caf\xe9"}], "chosen": "a", "rejected": "b"}\n')
     return [(new + a, m) for a, m in [
+        (["--train_file", latin1], f"{latin1}:1: not valid UTF-8"),
         (["--init", tmp / "missing"], "checkpoint folder not found"),
         (["--device", "bogus"], "unknown device 'bogus'"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
@@ -639,7 +647,7 @@ def dpo_cases(ckpt: Path, tmp: Path, dpo_dir: Path, dpo_flags: list[str]) -> lis
 
 
 SCRIPT_CASES = {"inference": 19, "gradio": 12, "pretrain": 30, "sft": 26, "tokenizer": 13, "prepare": 9,
-                "evaluate": 9, "convert": 6, "dpo": 12}
+                "evaluate": 10, "convert": 6, "dpo": 13}
 
 
 def _script_cases(script: str, ctx: dict, tmp: Path):
