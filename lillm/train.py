@@ -369,7 +369,7 @@ def fit(
         step_values = torch.stack([loss_sum / cfg.grad_accum, full_tensor(grad_norm).float()])
         if info.world_size > 1:  # the loss averaged over ranks (the norm already is global)
             dist.all_reduce(step_values)
-            step_values[0] /= info.world_size
+            step_values /= info.world_size  # the mean loss; the norm is the same on every rank
         train_loss, norm = step_values.tolist()  # the step's one device-to-host copy
         metrics = {"train_loss": train_loss, "lr": lr, "grad_norm": norm}
         if log:

@@ -32,9 +32,9 @@ def run_script(args: list[str], nproc: int = 1, check: bool = True, **kwargs) ->
     return result
 
 
-def train_losses(log_dir: Path) -> list[float]:
+def train_losses(log_dir: Path, column: str = "train_loss") -> list[float]:
     with open(log_dir / "metrics.csv") as f:
-        return [float(r["train_loss"]) for r in csv.DictReader(f) if r.get("train_loss")]
+        return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
 
 
 @pytest.mark.distributed
@@ -47,6 +47,8 @@ def test_two_process_ddp_equals_one_process_with_grad_accum(shards_dir, tmp_path
     assert len(one) == len(two) == 12
     np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
     assert one[-1] < one[0] - 0.2  # and it learned something
+    norms_one, norms_two = train_losses(tmp_path / "log1", "grad_norm"), train_losses(tmp_path / "log2", "grad_norm")
+    np.testing.assert_allclose(norms_two, norms_one, rtol=1e-4)  # the global norm, not summed over ranks
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for name in w1:
         np.testing.assert_allclose(w2[name], w1[name], atol=1e-5, err_msg=name)
