@@ -107,7 +107,11 @@ def test_chapter_is_complete(path: Path):
         if "image/png" in out.get("data", {})
     ]
     assert pngs, f"{path.name}: no committed image/png output (commit the notebook executed, with its figures)"
-    old_style = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "markdown" and re.search(r"<details>", cell.source)]
+    old_style = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "markdown" and re.search(r"<details>\s*<summary>[^<]*(solution|answer)", cell.source, re.IGNORECASE)
+    ]
     assert not old_style, f"{path.name}: markdown <details> solutions in cells {old_style}; make them solution code cells"
     solutions = [cell for cell in nb.cells if is_solution(cell)]
     assert solutions, f"{path.name}: no solution cells (code cells tagged 'solution', source hidden)"
