@@ -45,7 +45,7 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 
 # bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX): faster here; emulated bf16 elsewhere is slower.
 DTYPE=fp32; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && DTYPE=bf16
-SFT_RECIPE="--max_steps 300 --batch_size 16 --lr 1e-3 --warmup_steps 30"  # measured in README, "Story instructions"
+SFT_RECIPE="--max_steps 300 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
     --vocab_size 2048 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"
