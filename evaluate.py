@@ -68,8 +68,9 @@ def check_args(args: argparse.Namespace) -> list[tuple]:
 
 
 def loss_plot(meta: dict) -> str | None:
-    """The training run's loss.png, if it is still where the run wrote it."""
-    log_dir = (meta.get("args") or {}).get("log_dir")
+    """The training run's loss.png, if it is still where the run wrote it (--log_dir, else runs/<out_dir name>)."""
+    args = meta.get("args") or {}
+    log_dir = args.get("log_dir") or (Path("runs") / Path(args["out_dir"]).name if args.get("out_dir") else None)
     plot = Path(log_dir) / "loss.png" if log_dir else None
     return str(plot.resolve()) if plot is not None and plot.is_file() else None
 

@@ -110,13 +110,13 @@ def render_report(
             "log-probability, acc_norm the highest per UTF-8 byte. The first n items of each set; chance = mean of "
             "1 / number of choices.", "",
         ]
-        header = "| task | n | chance |" + "".join(f" {Path(ev['checkpoint']).name} acc | acc_norm |" for ev in evaluations)
-        lines += [header, "|---|---|---|" + "---|---|" * len(evaluations)]
+        lines += ["| task | checkpoint | n | chance | acc | acc_norm |", "|---|---|---|---|---|---|"]
         for task in tasks:
-            scored = [ev["tasks"].get(task) for ev in evaluations]
-            first = next(s for s in scored if s)
-            cells = "".join(f" {_fmt(s and s['acc'], '.1%')} | {_fmt(s and s['acc_norm'], '.1%')} |" for s in scored)
-            lines.append(f"| {task} | {first['n']} | {first['chance']:.1%} |{cells}")
+            for ev in evaluations:
+                if task in ev["tasks"]:
+                    s = ev["tasks"][task]
+                    lines.append(f"| {task} | {Path(ev['checkpoint']).name} | {s['n']} | {s['chance']:.1%} | "
+                                 f"{s['acc']:.1%} | {s['acc_norm']:.1%} |")
         lines.append("")
 
     for ev in evaluations:

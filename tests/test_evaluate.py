@@ -300,7 +300,7 @@ def test_report_card_for_base_and_sft_checkpoints(base_checkpoint, sft_checkpoin
     tokens_seen = json.loads((base_checkpoint / "meta.json").read_text())["tokens_seen"]
     assert f"{tokens_seen:,}" in page
     for task, scores in base["tasks"].items():
-        assert f"| {task} | 8 | {scores['chance']:.1%} | {scores['acc']:.1%} | {scores['acc_norm']:.1%} |" in page
+        assert f"| {task} | base | 8 | {scores['chance']:.1%} | {scores['acc']:.1%} | {scores['acc_norm']:.1%} |" in page
     assert sum(line.startswith(f"| {p} |") for p in ev.CHAT_PROMPTS for line in page.splitlines()) == 5
     plots = [line[line.index("](") + 2 : -1] for line in page.splitlines() if line.startswith("![")]
     assert len(plots) == 2 and all((report.parent / p).is_file() for p in plots)
@@ -310,6 +310,6 @@ def test_report_card_for_base_and_sft_checkpoints(base_checkpoint, sft_checkpoin
     code, _, err = run_cli(evaluate_cli, ["--checkpoint", sft_checkpoint, "--tasks", "arc_easy", "--data_dir", data_dir,
                                           "--limit", 4, "--report", single], capsys)
     assert code == 0, err
-    assert "| arc_easy | 4 |" in single.read_text() and "Supervised fine-tuning" in single.read_text()
+    assert "| arc_easy | sft | 4 |" in single.read_text() and "Supervised fine-tuning" in single.read_text()
     code, _, err = run_cli(report_cli, [tmp_path / "missing.json", "--out", tmp_path / "r.md"], capsys)
     assert code == 2 and "result file not found" in err

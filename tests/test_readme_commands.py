@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_custom_tokenizer.py", "data/prepare_pretrain.py", "pretrain.py", "sft_train.py", "inference.py", "inference_gradio.py"]
+SCRIPTS = ["train_custom_tokenizer.py", "data/prepare_pretrain.py", "pretrain.py", "sft_train.py", "inference.py", "inference_gradio.py",
+           "evaluate.py", "report.py"]
 
 
 def readme_commands() -> list[tuple[str, list[str]]]:
