@@ -185,8 +185,8 @@ def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem]) 
     is_real = torch.tensor([[False] * (n_ctx - len(it.context)) + [True] * len(it.context) for it in items], device=device)
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, len(items), n_ctx + max(width, 1), device=device, dtype=dtype)
-    logits, _ = model(contexts, cache=cache, attention_mask=is_real)
-    # Each choice's first token is predicted by its context's last position.
+    logits, _ = model(contexts, cache=cache, attention_mask=is_real, last_only=True)
+    # Each choice's first token is predicted by its context's last position (the only one the head runs on).
     sums = _sum_by_row(len(choices), list(range(len(choices))), logits[owner, -1], [c[0] for c in choices], device)
     if width == 0:  # every choice is a single token
         return sums.tolist()

@@ -153,7 +153,7 @@ class GenerationStats:
 def _last_logits(model: LilLM, ids: torch.Tensor, cache: KVCache | None, attention_mask: torch.Tensor | None):
     """Float logits of the last position. no_grad is applied per call, not around the generator: grad mode is
     thread-local, and a server may resume a generator on a different thread at every step."""
-    logits, _ = model(ids, cache=cache, attention_mask=attention_mask)
+    logits, _ = model(ids, cache=cache, attention_mask=attention_mask, last_only=True)
     return logits[:, -1].float()
 
 

@@ -113,6 +113,21 @@ def test_kv_cache_decoding_equals_full_forward(pos_encoding):
     assert cache.length == 24
 
 
+def test_last_only_gives_the_last_positions_logits():
+    """Prefill with a cache and a padding mask: the head on the last position alone == the full logits' last row."""
+    model = tiny_model()
+    x = torch.randint(2, TINY["vocab_size"], (2, 12))
+    real = torch.ones(2, 12, dtype=torch.bool)
+    real[1, :5] = False
+    with torch.no_grad():
+        full, _ = model(x, cache=KVCache(model.config, 2, 16), attention_mask=real)
+        last, _ = model(x, cache=KVCache(model.config, 2, 16), attention_mask=real, last_only=True)
+    assert last.shape == (2, 1, TINY["vocab_size"])
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="last_only"):
+        model(x, targets=x, last_only=True)
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     model = tiny_model()
     cache = KVCache(model.config, batch_size=1, max_len=4)
