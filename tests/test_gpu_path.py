@@ -104,7 +104,7 @@ def test_cpu_attention_keeps_grouped_heads():
     assert not needs_expanded_kv(q, None, grouped=True) and not needs_expanded_kv(q, torch.ones(1, 1, 3, 3).bool(), True)
 
 
-def test_decoding_one_token_builds_no_mask_and_matches_the_full_forward():
+def test_decoding_one_token_builds_no_mask_and_matches_the_full_forward(monkeypatch):
     """Unpadded decoding feeds one token per step with no mask at all; its logits equal a full re-run's."""
     from lillm.model import KVCache
 
@@ -112,14 +112,13 @@ def test_decoding_one_token_builds_no_mask_and_matches_the_full_forward():
     ids = torch.randint(0, LONG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
     masks = []
     original = LilLM._attention_mask
-    LilLM._attention_mask = staticmethod(lambda *a: masks.append(a) or original(*a))
-    try:
-        with torch.no_grad():
-            cache = KVCache(LONG, 1, 40)
-            model(ids[:, :30], cache=cache)
-            steps = [model(ids[:, i : i + 1], cache=cache)[0][0, -1] for i in range(30, 40)]
-    finally:
-        LilLM._attention_mask = original
+    # monkeypatch puts the staticmethod itself back (assigning `original` would turn it into a method)
+    monkeypatch.setattr(LilLM, "_attention_mask", staticmethod(lambda *a: masks.append(a) or original(*a)))
+    with torch.no_grad():
+        cache = KVCache(LONG, 1, 40)
+        model(ids[:, :30], cache=cache)
+        steps = [model(ids[:, i : i + 1], cache=cache)[0][0, -1] for i in range(30, 40)]
+    monkeypatch.undo()
     assert masks == []
     with torch.no_grad():
         full = model(ids)[0][0, 30:]
