@@ -81,6 +81,9 @@ def test_browser_chat_streams_greedy_replies_over_two_turns(server, ckpt):
                 number = page.get_by_label(f"number input for {label}")
                 number.fill(value)
                 number.press("Enter")
+                # The slider shows the value once the page's state holds it; a message sent before would still
+                # be answered with the old setting (a race seen once in CI: a sampled reply instead of greedy).
+                sync_api.expect(page.get_by_label(f"range slider for {label}")).to_have_value(value)
 
             for turn, (user, expected) in enumerate(((user_1, reply_1), (user_2, reply_2)), start=1):
                 box.fill(user)
@@ -91,6 +94,9 @@ def test_browser_chat_streams_greedy_replies_over_two_turns(server, ckpt):
                     arg=[turn, alphanumeric(expected)],
                     timeout=60_000,
                 )
+                # The reply's text is complete before its run ends; a message sent while the Stop button still
+                # shows would be ignored (a race seen once in CI), so wait for the run to end.
+                sync_api.expect(page.locator('button[aria-label="Stop"]')).to_have_count(0, timeout=30_000)
             speed = page.locator("#speed")
             sync_api.expect(speed).to_contain_text("tokens/s", timeout=30_000)
             match = re.search(r"(\d+) tokens in [\d.]+ s · ([\d.]+) tokens/s", speed.inner_text())
@@ -214,6 +220,9 @@ def test_browser_chats_with_the_imported_smollm2(smollm2_server, smollm2_checkpo
                 number = page.get_by_label(f"number input for {label}")
                 number.fill(value)
                 number.press("Enter")
+                # The slider shows the value once the page's state holds it; a message sent before would still
+                # be answered with the old setting (a race seen once in CI: a sampled reply instead of greedy).
+                sync_api.expect(page.get_by_label(f"range slider for {label}")).to_have_value(value)
             page.get_by_text(question).first.click()  # an example prompt: runs with the settings above
             for turn, expected in ((1, reply_1), (2, reply_2)):
                 if turn == 2:
@@ -225,6 +234,7 @@ def test_browser_chats_with_the_imported_smollm2(smollm2_server, smollm2_checkpo
                     arg=[turn, alphanumeric(expected)],
                     timeout=90_000,
                 )
+                sync_api.expect(page.locator('button[aria-label="Stop"]')).to_have_count(0, timeout=30_000)
             assert "Paris" in page.get_by_test_id("bot").nth(0).inner_text()
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "gradio_smollm2.png"), full_page=True)
