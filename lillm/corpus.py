@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lillm.fileio import utf8_lines
+
 SUFFIXES = (".txt", ".jsonl")
 
 
@@ -32,17 +34,12 @@ def check_files(paths: Iterable[Path]) -> list[Path]:
 def read_txt(path: Path) -> Iterator[str]:
     """Documents separated by blank lines, stripped, streamed line by line (a file larger than memory is fine)."""
     lines: list[str] = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).strip()
-                lines = []
+    for _, line in utf8_lines(path, CorpusError):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield "".join(lines).strip()
+            lines = []
     if lines:
         yield "".join(lines).strip()
 
@@ -66,21 +63,16 @@ def record_text(record: object, text_field: str, where: str, chat_messages: bool
 
 def read_jsonl(path: Path, text_field: str, chat_messages: bool = False) -> Iterator[str]:
     """One document per line; blank lines and blank documents are skipped."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"{path}:{line_no}: invalid JSON, expected one object per line ({e.msg})") from None
-            text = record_text(record, text_field, f"{path}:{line_no}", chat_messages)
-            if text.strip():
-                yield text
+    for line_no, line in utf8_lines(path, CorpusError):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}:{line_no}: invalid JSON, expected one object per line ({e.msg})") from None
+        text = record_text(record, text_field, f"{path}:{line_no}", chat_messages)
+        if text.strip():
+            yield text
 
 
 def read_documents(paths: Iterable[Path], text_field: str = "text", chat_messages: bool = False) -> Iterator[str]:

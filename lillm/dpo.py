@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lillm.chat import render
+from lillm.fileio import utf8_lines
 from lillm.tokenizer import special_tokens
 
 Messages = list[Mapping[str, str]]
@@ -156,20 +157,15 @@ def read_preference_pairs(path: str | os.PathLike) -> PairSource:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference file not found: {path}")
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            yield (where, *_checked_pair(row, where))
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from None
+        yield (where, *_checked_pair(row, where))
 
 
 def _checked_pair(row, where: str) -> tuple[Messages, str, str]:

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def utf8_lines(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, streamed; a line that is not UTF-8 raises `error` naming
+    file:line, so every reader of user files reports bad bytes the same way."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise error(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

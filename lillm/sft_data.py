@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lillm.chat import render
+from lillm.fileio import utf8_lines
 from lillm.tokenizer import special_tokens
 
 Messages = list[Mapping[str, str]]
@@ -59,19 +60,14 @@ def read_jsonl_conversations(path: str | os.PathLike, messages_field: str = "mes
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat file not found: {path}")
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)[messages_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with a {messages_field!r} list ({e})") from None
-            yield f"{path}:{line_no}", messages
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)[messages_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{line_no}: expected a JSON object with a {messages_field!r} list ({e})") from None
+        yield f"{path}:{line_no}", messages
 
 
 def hub_conversations(name: str, split: str, messages_field: str = "messages", config: str | None = None) -> Source:
