@@ -284,7 +284,7 @@ def run(args: argparse.Namespace, info) -> None:
             model.load_state_dict(resumed.model.state_dict())
         check_optimizer_state(state["optimizer"], make_optimizer(model, args.lr, args.weight_decay), resume_dir / "trainer_state.pt")
         optimizer_state = state["optimizer"]
-        restore_rng_state(state["rng"])
+        restore_rng_state(state["rng"], info)
 
     if args.fsdp:
         shard_model(model, info.device, dtype)  # in place, after the reference pass and the resumed weights
@@ -311,10 +311,11 @@ def run(args: argparse.Namespace, info) -> None:
 
     def save(step: int, optimizer, metrics: dict) -> None:
         weights, optimizer_state = checkpoint_payload(model, optimizer)  # FSDP gathers: every rank takes part
+        rng = rng_state(info)  # every rank's streams, gathered: also a collective
         if not info.is_main:
             return
         plain = merge_lora(copy.deepcopy(model)) if args.lora_rank else weights
-        state = {"step": step, "optimizer": optimizer_state, "rng": rng_state(), "train_pairs": len(train),
+        state = {"step": step, "optimizer": optimizer_state, "rng": rng, "train_pairs": len(train),
                  "beta": args.beta, "seed": args.seed}
         if args.lora_rank:
             state["lora"] = lora_state_dict(model)

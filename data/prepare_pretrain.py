@@ -5,8 +5,9 @@
     python data/prepare_pretrain.py --dataset HuggingFaceFW/fineweb-edu --dataset_config sample-10BT \\
         --max_docs 200000 --tokenizer tokenizer.json --out_dir data/fineweb
 
-Inputs: .txt files (documents separated by a blank line), .jsonl files (one document per line in --text_field),
-or a Hugging Face dataset streamed with `datasets`. An EOS token follows every document. The output folder gets
+Inputs: .txt files (documents separated by a blank line), .jsonl files (one document per line in --text_field, or
+a chat "messages" list whose turns are joined with newlines, e.g. the story instructions that speedrun.sh mixes
+in), or a Hugging Face dataset streamed with `datasets`. An EOS token follows every document. The output folder gets
 train.bin, val.bin (uint16 when the vocabulary has at most 65536 tokens, else uint32), a copy of the tokenizer and
 meta.json with the counts, the dtype and the tokenizer's SHA-256 (pretrain.py checks it).
 """
@@ -61,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             args.val_file = [default_data_file("pretrain_tinystories_val.txt")]
         inputs, val_files = check_files(inputs), check_files(args.val_file or [])
         sources = [str(f) for f in inputs]
-        train_docs = read_documents(inputs, args.text_field)
-        val_docs = read_documents(val_files, args.text_field) if val_files else None
+        train_docs = read_documents(inputs, args.text_field, chat_messages=True)
+        val_docs = read_documents(val_files, args.text_field, chat_messages=True) if val_files else None
     if val_docs is None and not args.val_fraction:
         raise ValueError("no validation data: give --val_file, --val_split or a --val_fraction in (0, 1)")
     meta = build_shards(train_docs, args.tokenizer, args.out_dir, val_docs, args.val_fraction, sources, args.batch_docs)
