@@ -99,7 +99,9 @@ class DPOObjective(nn.Module):
             raise ValueError(f"beta must be positive, got {beta}")
         self.policy = policy
         self.beta = beta
-        self._sums: torch.Tensor | None = None  # on the device, read once per eval; not a buffer: DDP must not sync it
+        # On the policy's device (moved there by the first step), read once per eval; float32, not float64, which MPS
+        # lacks; not a buffer, so DDP never syncs it.
+        self._sums = torch.zeros(len(self.STATS) + 1)
 
     def forward(self, ids: torch.Tensor, reference: torch.Tensor, loss_mask: torch.Tensor):
         logits, _ = self.policy(ids[:, :-1])
@@ -108,14 +110,14 @@ class DPOObjective(nn.Module):
         out = dpo_loss(logps[:B], logps[B:], reference[:, 0], reference[:, 1], self.beta)
         if self.training:
             rows = torch.stack([out.accuracy, out.margins, out.chosen_rewards, out.rejected_rewards]).detach()
-            sums = torch.cat([rows.sum(1), rows.new_tensor([B])]).double()
-            self._sums = sums if self._sums is None else self._sums + sums  # no host sync per micro-step
+            sums = torch.cat([rows.sum(1), rows.new_tensor([B])]).float()
+            self._sums = self._sums.to(sums.device) + sums  # no host sync per micro-step
         return out.margins, out.loss
 
     def take_stats(self) -> list[float]:
         """[sum of each STATS value, number of pairs] since the last call (sums, so ranks can add them)."""
-        sums, self._sums = self._sums, None
-        return sums.tolist() if sums is not None else [0.0] * (len(self.STATS) + 1)
+        sums, self._sums = self._sums.tolist(), torch.zeros_like(self._sums)
+        return sums
 
 
 # ---------------------------------------------------------------------------------------------- data

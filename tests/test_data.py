@@ -93,6 +93,25 @@ def test_jsonl_with_val_fraction_splits_every_document_once(tokenizer_path, tmp_
     assert shards.val_bytes_per_token == pytest.approx(sum(len(d) for d in split["val"]) / len(shards.val))
 
 
+def test_chat_jsonl_becomes_one_document_per_conversation(tokenizer_path, tmp_path):
+    """speedrun.sh mixes the story instructions into pretraining: each conversation's turns, joined by newlines."""
+    conversations = [
+        [{"role": "user", "content": f"Write a story that uses the words: dog, ball{i}."},
+         {"role": "assistant", "content": f"Once upon a time a dog found ball{i}.\nIt was happy."}]
+        for i in range(12)
+    ]
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.txt"
+    train.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    val.write_text("A cat sat.\n\nA dog ran.\n")
+    out = tmp_path / "out"
+    load_prepare().main([str(train), "--val_file", str(val), "--tokenizer", str(tokenizer_path), "--out_dir", str(out)])
+    tokenizer = load_tokenizer(out / "tokenizer.json")
+    expected = []
+    for messages in conversations:
+        expected += tokenizer.encode("\n".join(m["content"] for m in messages)).ids + [EOS_ID]
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == expected
+
+
 @pytest.mark.parametrize(
     "break_it, message",
     [
