@@ -173,31 +173,41 @@ def _score_windows(model: torch.nn.Module, items: Sequence[EncodedItem]) -> list
     return _sum_by_row(len(rows), row_idx, logits[row_idx, pos_idx], targets, device).tolist()
 
 
-def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem]) -> list[float]:
-    """Items that fit the window: each context runs through the model once (left-padded batch, KV cache), then
-    the cache is copied once per choice and all the choices run from it in one right-padded batch."""
+def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem], batch_size: int) -> list[float]:
+    """Items that fit the window: their contexts run through the model once (one left-padded batch whose keys
+    and values are cached); then all their choices, sorted by length so that little of each batch is padding,
+    continue from copies of their context's cache rows, batch_size choices per forward pass."""
     device = next(model.parameters()).device
     n_ctx = max(len(item.context) for item in items)
-    choices = [choice for item in items for choice in item.choices]
-    owner = torch.tensor([i for i, item in enumerate(items) for _ in item.choices], device=device)
-    width = max(len(choice) for choice in choices) - 1  # a choice's last token is a target, never an input
     contexts = torch.tensor([[it.context[0]] * (n_ctx - len(it.context)) + it.context for it in items], device=device)
     is_real = torch.tensor([[False] * (n_ctx - len(it.context)) + [True] * len(it.context) for it in items], device=device)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, len(items), n_ctx + max(width, 1), device=device, dtype=dtype)
+    cache = KVCache(model.config, len(items), n_ctx, device=device, dtype=next(model.parameters()).dtype)
     logits, _ = model(contexts, cache=cache, attention_mask=is_real, last_only=True)
-    # Each choice's first token is predicted by its context's last position (the only one the head runs on).
-    sums = _sum_by_row(len(choices), list(range(len(choices))), logits[owner, -1], [c[0] for c in choices], device)
-    if width == 0:  # every choice is a single token
-        return sums.tolist()
-    cache.keys, cache.values = cache.keys[:, owner], cache.values[:, owner]  # one cache row per choice
-    inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in choices], device=device)
-    mask = torch.cat([is_real[owner], torch.ones(len(choices), width, dtype=torch.bool, device=device)], dim=1)
-    logits, _ = model(inputs, cache=cache, attention_mask=mask)
-    row_idx = [r for r, c in enumerate(choices) for _ in range(len(c) - 1)]
-    pos_idx = [j for c in choices for j in range(len(c) - 1)]
-    targets = [t for c in choices for t in c[1:]]
-    return (sums + _sum_by_row(len(choices), row_idx, logits[row_idx, pos_idx], targets, device)).tolist()
+    next_token = F.log_softmax(logits[:, -1].float(), dim=-1)  # each choice's first token, given its context
+
+    choices = [(i, choice) for i, item in enumerate(items) for choice in item.choices]
+    sums = [0.0] * len(choices)
+    order = sorted(range(len(choices)), key=lambda r: len(choices[r][1]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [choices[r][1] for r in rows]
+        owner = torch.tensor([choices[r][0] for r in rows], device=device)
+        first = next_token[owner, torch.tensor([c[0] for c in batch], device=device)].double()
+        width = max(len(c) for c in batch) - 1  # a choice's last token is a target, never an input
+        if width == 0:  # every choice here is a single token
+            scores = first
+        else:
+            rows_cache = cache.rows(owner, extra_positions=width)
+            inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in batch], device=device)
+            mask = torch.cat([is_real[owner], torch.ones(len(batch), width, dtype=torch.bool, device=device)], dim=1)
+            logits, _ = model(inputs, cache=rows_cache, attention_mask=mask)
+            row_idx = [b for b, c in enumerate(batch) for _ in range(len(c) - 1)]
+            pos_idx = [j for c in batch for j in range(len(c) - 1)]
+            targets = [t for c in batch for t in c[1:]]
+            scores = first + _sum_by_row(len(batch), row_idx, logits[row_idx, pos_idx], targets, device)
+        for r, score in zip(rows, scores.tolist()):
+            sums[r] = score
+    return sums
 
 
 @torch.no_grad()
@@ -206,9 +216,10 @@ def choice_logprobs(
 ) -> list[list[float]]:
     """For each item, the summed log-probability of each choice's tokens given the context.
 
-    Items that fit the model's window share one pass over their context (KV cache); the others are scored as
-    left-truncated windows. Batches hold about batch_size choices. `model` is a LilLM (or anything with its
-    forward signature, KV cache included, and `config`). desc: show a progress bar with that label."""
+    Items that fit the model's window share one pass over their context (KV cache): batch_size contexts per
+    pass, then batch_size choices per pass. The others are scored as left-truncated windows, batches of about
+    batch_size choices. `model` is a LilLM (or anything with its forward signature, KV cache included, and
+    `config`). desc: show a progress bar with that label."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     max_seq_len = model.config.max_seq_len
@@ -218,9 +229,13 @@ def choice_logprobs(
         group = [i for i, item in enumerate(items) if fits_window(item, max_seq_len) == shared]
         # Similar lengths batch together, so little of each batch is padding.
         group.sort(key=lambda i: (len(items[i].context), max(map(len, items[i].choices))))
-        for run in _batches([items[i] for i in group], batch_size):
+        if shared:  # batch_size contexts at a time
+            runs = [list(range(s, min(s + batch_size, len(group)))) for s in range(0, len(group), batch_size)]
+        else:  # about batch_size windows at a time
+            runs = list(_batches([items[i] for i in group], batch_size))
+        for run in runs:
             batch = [items[group[j]] for j in run]
-            sums = (_score_shared_context if shared else _score_windows)(model, batch)
+            sums = _score_shared_context(model, batch, batch_size) if shared else _score_windows(model, batch)
             for j, item in zip(run, batch):
                 scores[group[j]], sums = sums[: len(item.choices)], sums[len(item.choices) :]
             bar.update(len(run))

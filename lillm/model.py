@@ -7,6 +7,7 @@ weights map one to one onto other Llama-style implementations.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -142,6 +143,19 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Called once all layers have stored the n new positions."""
         self.length += n
+
+    def rows(self, index: torch.Tensor, extra_positions: int) -> KVCache:
+        """A new cache holding the batch rows `index` of this one (a row may repeat) with room for
+        extra_positions more: several continuations of one cached prefix, e.g. the choices of a question."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            picked = t[:, index, :, : self.length]
+            room = picked.new_zeros((*picked.shape[:3], extra_positions, picked.shape[4]))
+            return torch.cat([picked, room], dim=3)
+
+        out = copy.copy(self)
+        out.keys, out.values = pick(self.keys), pick(self.values)
+        out.max_len = self.length + extra_positions
+        return out
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
