@@ -5,12 +5,13 @@
 
 Both score the same encoded items (encoding is not timed) and must agree; the batched scorer puts the choices
 of several items into one right-padded forward pass and runs log_softmax only on the scored positions. The
-last line is the ratio of items/s (target: >= 3x).
+last line is the ratio of the median items/s of --repeats alternating runs (target: >= 3x).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch_size", type=int, default=32, help="choices per forward pass of the batched scorer")
     p.add_argument("--data_dir", type=Path, default=default_data_dir())
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=3, help="time each scorer this many times, alternating; report the median")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,14 +63,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads; {len(items)} {task.name} items ({n_choices} choices)")
 
     ev.choice_logprobs(ckpt.model, encoded[:8], args.batch_size)  # warm-up
-    start = time.perf_counter()
-    batched = ev.choice_logprobs(ckpt.model, encoded, args.batch_size)
-    batched_speed = len(items) / (time.perf_counter() - start)
-    print(f"batched scorer (batch {args.batch_size}): {batched_speed:8.1f} items/s")
-    start = time.perf_counter()
-    looped = per_choice_loop(ckpt.model, encoded)
-    loop_speed = len(items) / (time.perf_counter() - start)
-    print(f"one forward per choice:      {loop_speed:8.1f} items/s")
+    speeds: dict[str, list[float]] = {"batched": [], "loop": []}
+    for _ in range(args.repeats):  # alternating, so a change in the machine's load hits both alike
+        start = time.perf_counter()
+        batched = ev.choice_logprobs(ckpt.model, encoded, args.batch_size)
+        speeds["batched"].append(len(items) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        looped = per_choice_loop(ckpt.model, encoded)
+        speeds["loop"].append(len(items) / (time.perf_counter() - start))
+    batched_speed, loop_speed = (statistics.median(speeds[k]) for k in ("batched", "loop"))
+    print(f"batched scorer (batch {args.batch_size}): {batched_speed:8.1f} items/s (median of {args.repeats}: "
+          f"{', '.join(f'{v:.1f}' for v in speeds['batched'])})")
+    print(f"one forward per choice:      {loop_speed:8.1f} items/s (median of {args.repeats}: "
+          f"{', '.join(f'{v:.1f}' for v in speeds['loop'])})")
     diff = max(abs(a - b) for x, y in zip(batched, looped) for a, b in zip(x, y))
     print(f"max |difference| of the summed log-probs: {diff:.2e}; acc {ev.mc_metrics(items, batched)['acc']:.4f}")
     if diff > 1e-3:

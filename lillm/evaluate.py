@@ -173,17 +173,35 @@ def _score_windows(model: torch.nn.Module, items: Sequence[EncodedItem]) -> list
     return _sum_by_row(len(rows), row_idx, logits[row_idx, pos_idx], targets, device).tolist()
 
 
-def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem], batch_size: int) -> list[float]:
-    """Items that fit the window: their contexts run through the model once (one left-padded batch whose keys
-    and values are cached); then all their choices, sorted by length so that little of each batch is padding,
-    continue from copies of their context's cache rows, batch_size choices per forward pass."""
-    device = next(model.parameters()).device
+def _context_caches(model: torch.nn.Module, items: Sequence[EncodedItem], batch_size: int):
+    """The contexts' keys and values in one cache, right-aligned: every context ends at the same position, so
+    any of its rows can be continued side by side. Contexts run batch_size at a time (the items come sorted by
+    context length); a shorter batch starts later in the cache, and the empty, masked slots before it are never
+    computed. Returns the cache, which of its slots are real, and log p(next token) after each context."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     n_ctx = max(len(item.context) for item in items)
-    contexts = torch.tensor([[it.context[0]] * (n_ctx - len(it.context)) + it.context for it in items], device=device)
+    cache = KVCache(model.config, len(items), n_ctx, device=device, dtype=dtype)
     is_real = torch.tensor([[False] * (n_ctx - len(it.context)) + [True] * len(it.context) for it in items], device=device)
-    cache = KVCache(model.config, len(items), n_ctx, device=device, dtype=next(model.parameters()).dtype)
-    logits, _ = model(contexts, cache=cache, attention_mask=is_real, last_only=True)
-    next_token = F.log_softmax(logits[:, -1].float(), dim=-1)  # each choice's first token, given its context
+    next_token = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        width = max(len(item.context) for item in batch)
+        part = KVCache(model.config, len(batch), n_ctx, device=device, dtype=dtype)
+        part.advance(n_ctx - width)  # the slots before this batch's longest context stay empty
+        inputs = torch.tensor([[it.context[0]] * (width - len(it.context)) + it.context for it in batch], device=device)
+        logits, _ = model(inputs, cache=part, attention_mask=is_real[start : start + len(batch)], last_only=True)
+        cache.keys[:, start : start + len(batch)], cache.values[:, start : start + len(batch)] = part.keys, part.values
+        next_token.append(F.log_softmax(logits[:, -1].float(), dim=-1))
+    cache.advance(n_ctx)
+    return cache, is_real, torch.cat(next_token)
+
+
+def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem], batch_size: int) -> list[float]:
+    """Items that fit the window: their contexts run through the model once (`_context_caches`); then all their
+    choices, sorted by length so that little of each batch is padding, continue from copies of their context's
+    cache rows, batch_size choices per forward pass."""
+    device = next(model.parameters()).device
+    cache, is_real, next_token = _context_caches(model, items, batch_size)
 
     choices = [(i, choice) for i, item in enumerate(items) for choice in item.choices]
     sums = [0.0] * len(choices)
@@ -200,11 +218,11 @@ def _score_shared_context(model: torch.nn.Module, items: Sequence[EncodedItem], 
             rows_cache = cache.rows(owner, extra_positions=width)
             inputs = torch.tensor([c[:-1] + [c[0]] * (width - len(c) + 1) for c in batch], device=device)
             mask = torch.cat([is_real[owner], torch.ones(len(batch), width, dtype=torch.bool, device=device)], dim=1)
-            logits, _ = model(inputs, cache=rows_cache, attention_mask=mask)
+            scored = torch.tensor([[j < len(c) - 1 for j in range(width)] for c in batch], device=device)
+            logits, _ = model(inputs, cache=rows_cache, attention_mask=mask, logits_at=scored)  # the head skips padding
             row_idx = [b for b, c in enumerate(batch) for _ in range(len(c) - 1)]
-            pos_idx = [j for c in batch for j in range(len(c) - 1)]
             targets = [t for c in batch for t in c[1:]]
-            scores = first + _sum_by_row(len(batch), row_idx, logits[row_idx, pos_idx], targets, device)
+            scores = first + _sum_by_row(len(batch), row_idx, logits, targets, device)
         for r, score in zip(rows, scores.tolist()):
             sums[r] = score
     return sums
@@ -216,8 +234,8 @@ def choice_logprobs(
 ) -> list[list[float]]:
     """For each item, the summed log-probability of each choice's tokens given the context.
 
-    Items that fit the model's window share one pass over their context (KV cache): batch_size contexts per
-    pass, then batch_size choices per pass. The others are scored as left-truncated windows, batches of about
+    Items that fit the model's window share one pass over their context (KV cache), 4 * batch_size items at a
+    time: batch_size contexts per pass, then batch_size of their choices per pass. The others are scored as left-truncated windows, batches of about
     batch_size choices. `model` is a LilLM (or anything with its forward signature, KV cache included, and
     `config`). desc: show a progress bar with that label."""
     if batch_size < 1:
@@ -229,8 +247,9 @@ def choice_logprobs(
         group = [i for i, item in enumerate(items) if fits_window(item, max_seq_len) == shared]
         # Similar lengths batch together, so little of each batch is padding.
         group.sort(key=lambda i: (len(items[i].context), max(map(len, items[i].choices))))
-        if shared:  # batch_size contexts at a time
-            runs = [list(range(s, min(s + batch_size, len(group)))) for s in range(0, len(group), batch_size)]
+        if shared:  # the choices of 4 * batch_size items at a time: many choices batch into similar lengths
+            n = 4 * batch_size
+            runs = [list(range(s, min(s + n, len(group)))) for s in range(0, len(group), n)]
         else:  # about batch_size windows at a time
             runs = list(_batches([items[i] for i in group], batch_size))
         for run in runs:

@@ -289,6 +289,7 @@ class LilLM(nn.Module):
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids (B, T) -> logits (B, T, vocab) and, when targets (B, T) are given, the mean cross-entropy
         over positions where loss_mask (B, T) is nonzero (all positions if None; targets of -100 are ignored).
@@ -297,9 +298,11 @@ class LilLM(nn.Module):
         marks real tokens (True) vs padding (False) over all keys, cached ones included.
         last_only: logits (B, 1, vocab) of the last position alone: a prompt's prefill needs nothing else, and
         the head is the largest matmul of a small model with a big vocabulary.
+        logits_at: a bool (B, T) mask; logits (N, vocab) of its N True positions alone, row by row (scoring
+        multiple-choice answers needs only theirs, not the padding's).
         """
-        if last_only and targets is not None:
-            raise ValueError("last_only computes one position's logits; it cannot give a loss over all targets")
+        if (last_only or logits_at is not None) and targets is not None:
+            raise ValueError("last_only / logits_at compute some positions' logits; they cannot give a loss over all targets")
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=input_ids.device)  # from Python ints: no device sync
@@ -316,7 +319,11 @@ class LilLM(nn.Module):
                 x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.norm(x[:, -1:] if last_only else x))
+        if last_only:
+            x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
+        logits = self.lm_head(self.norm(x))
 
         if targets is None:
             return logits, None

@@ -111,7 +111,7 @@ class OracleModel(nn.Module):
             for token in encode_ordinary(tokenizer, item.context + " " + item.choices[item.label]):
                 node = node.setdefault(token, {})
 
-    def forward(self, input_ids, cache=None, attention_mask=None, last_only=False):
+    def forward(self, input_ids, cache=None, attention_mask=None, last_only=False, logits_at=None):
         B, T = input_ids.shape
         history = input_ids
         if cache is not None:
@@ -128,6 +128,8 @@ class OracleModel(nn.Module):
                 node = node.get(token) if node is not None else None
                 if node is not None and len(node) == 1 and t >= offset:
                     logits[b, t - offset, next(iter(node))] = 50.0
+        if logits_at is not None:
+            return logits[logits_at], None
         return (logits[:, -1:] if last_only else logits), None
 
 

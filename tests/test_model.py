@@ -128,6 +128,22 @@ def test_last_only_gives_the_last_positions_logits():
         model(x, targets=x, last_only=True)
 
 
+def test_logits_at_gives_the_chosen_positions_logits_in_row_order():
+    model = tiny_model()
+    x = torch.randint(2, TINY["vocab_size"], (3, 10))
+    wanted = torch.rand(3, 10) < 0.4
+    wanted[1] = False  # a row with no position at all
+    wanted[2, -1] = True
+    with torch.no_grad():
+        full, _ = model(x)
+        picked, _ = model(x, logits_at=wanted)
+    rows, cols = wanted.nonzero(as_tuple=True)
+    assert picked.shape == (int(wanted.sum()), TINY["vocab_size"])
+    torch.testing.assert_close(picked, full[rows, cols], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="logits_at"):
+        model(x, targets=x, logits_at=wanted)
+
+
 def test_kv_cache_overflow_is_a_clear_error():
     model = tiny_model()
     cache = KVCache(model.config, batch_size=1, max_len=4)
