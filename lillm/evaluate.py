@@ -10,8 +10,8 @@ because they do not depend on the tokenizer, which makes the score comparable ac
     HellaSwag  "<context>"                      then  " <ending>"
 
 The context is encoded once per item, and each choice is encoded on its own (with its leading space).
-The context also goes through the model only once: its keys and values are cached, and the item's choices
-continue from that cache in one right-padded batch. If context + choice is longer than the model's window,
+The context also goes through the model only once: its keys and values are cached, and the choices of many
+items, sorted by length, continue from copies of their context's cache rows in right-padded batches. If context + choice is longer than the model's window,
 the context is cut from the left, as lm-eval-harness does, and those items are scored as whole windows.
 
 Bits per byte is the validation loss in a unit that does not depend on the tokenizer: total nats over
@@ -235,8 +235,8 @@ def choice_logprobs(
     """For each item, the summed log-probability of each choice's tokens given the context.
 
     Items that fit the model's window share one pass over their context (KV cache), 4 * batch_size items at a
-    time: batch_size contexts per pass, then batch_size of their choices per pass. The others are scored as left-truncated windows, batches of about
-    batch_size choices. `model` is a LilLM (or anything with its forward signature, KV cache included, and
+    time: batch_size contexts per pass, then batch_size of their choices per pass. The others are scored as
+    left-truncated windows, batches of about batch_size choices. `model` is a LilLM (or anything with its forward signature, KV cache included, and
     `config`). desc: show a progress bar with that label."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
