@@ -6,7 +6,8 @@
 #   bash speedrun.sh                      # data from ../shared/data, everything written under speedrun/
 #   bash speedrun.sh /path/to/data out/   # DATA_DIR holding pretrain_tinystories_{train,val}.txt, chat_{train,val}.jsonl
 #
-# Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS, e.g.
+# Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS (and for
+# data/prepare_story_instructions.py through INSTRUCT_ARGS), e.g.
 #   PRETRAIN_ARGS="--max_steps 1500" bash speedrun.sh
 # EVAL_LIMIT (default 500) is how many items of each multiple-choice set are scored.
 # A run never replaces the checkpoints of an earlier one in OUT_DIR: remove the folder, or pass
@@ -44,14 +45,17 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 }
 
 # bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX): faster here; emulated bf16 elsewhere is slower.
-DTYPE=fp32; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && DTYPE=bf16
+# Native bf16 also buys steps: 4,500 fit the 10 minutes there (README, "A faster CPU recipe"); fp32 keeps the preset's 2,500.
+DTYPE=fp32; STEPS=""; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && { DTYPE=bf16; STEPS="--max_steps 4500"; }
+# Requested words come from each story's first 40 words, three draws per training story (README, "Story instructions").
+INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 40 --words_draws 3"}
 SFT_RECIPE="--max_steps 300 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
     --vocab_size 2048 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"
 stage "2. story instructions (chat data made from the stories)" \
   $PYTHON data/prepare_story_instructions.py --train_file "$DATA_DIR/pretrain_tinystories_train.txt" \
-    --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct"
+    --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct" $INSTRUCT_ARGS
 # Pretraining reads the stories and, as plain text ("instruction" newline "story"), the training instructions made
 # from them (TinyStories-Instruct's recipe): copying requested words is learned over the whole run, not in 300
 # SFT steps (README, "Story instructions"). Validation is the plain held-out stories.
@@ -60,7 +64,7 @@ stage "3. token shards (stories + story instructions as text)" \
     --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --tokenizer "$OUT/tokenizer.json" --out_dir "$OUT/shards"
 # shellcheck disable=SC2086
 stage "4. pretraining (cpu preset, $DTYPE)" \
-  $PYTHON pretrain.py --preset cpu --dtype $DTYPE --data_dir "$OUT/shards" --out_dir "$OUT/base" --log_dir "$OUT/runs/base" ${PRETRAIN_ARGS:-}
+  $PYTHON pretrain.py --preset cpu --dtype $DTYPE --data_dir "$OUT/shards" --out_dir "$OUT/base" --log_dir "$OUT/runs/base" $STEPS ${PRETRAIN_ARGS:-}
 # The general chat data (HH-RLHF, OASST1) is for real models and GPUs; to use it here anyway:
 #   SFT_ARGS="--train_file $DATA_DIR/chat_train.jsonl --val_file $DATA_DIR/chat_val.jsonl"
 # shellcheck disable=SC2086

@@ -28,14 +28,20 @@ from lillm.paths import default_data_file  # noqa: E402
 from lillm.tokenizer import atomic_write_text  # noqa: E402
 
 
-def story_conversations(stories: list[str], common: frozenset[str], n_words: int, seed: int, split: str) -> list[str]:
-    """jsonl lines: a words conversation per story, then begin or continue (alternating by a seeded draw)."""
+def story_conversations(
+    stories: list[str], common: frozenset[str], n_words: int, seed: int, split: str,
+    words_within: int | None = None, words_draws: int = 1,
+) -> list[str]:
+    """jsonl lines: up to words_draws words conversations per story (each its own draw of words; a draw that
+    repeats an earlier one is dropped), then begin or continue (chosen by a seeded draw)."""
     lines = []
     for i, story in enumerate(stories):
         rng = random.Random(f"{seed}:{split}:{i}")  # per story, so one story's draws never shift another's
-        for kind in ("words", rng.choice(("begin", "continue"))):
-            messages = conversation(kind, story, common, n_words, rng)
-            if messages is not None:
+        made: set[str] = set()
+        for kind in ("words",) * words_draws + (rng.choice(("begin", "continue")),):
+            messages = conversation(kind, story, common, n_words, rng, words_within)
+            if messages is not None and messages[0]["content"] not in made:
+                made.add(messages[0]["content"])
                 lines.append(json.dumps({"messages": messages, "source": f"story_instruct/{kind}"}, ensure_ascii=False))
     return lines
 
@@ -46,14 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val_file", type=Path, help="held-out stories (default: TinyStories val)")
     p.add_argument("--out_dir", type=Path, default=Path("data/story_instruct"))
     p.add_argument("--n_words", type=int, default=3, help="words requested per story")
+    p.add_argument("--words_within", type=int,
+                   help="request only words a story uses among its first N words (default: anywhere in it)")
+    p.add_argument("--words_draws", type=int, default=1,
+                   help="words conversations per training story, each with its own words (held-out: always 1)")
     p.add_argument("--max_chars", type=int, default=800,
                    help="skip longer stories (800 characters fit a 256-token context with a 2048-token tokenizer)")
     p.add_argument("--common_words", type=int, default=COMMON_WORDS, help="never request the N most frequent words")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     try:
-        for name in ("n_words", "max_chars"):
-            if getattr(args, name) < 1:
+        for name in ("n_words", "max_chars", "words_within", "words_draws"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
         train_file = args.train_file or default_data_file("pretrain_tinystories_train.txt")
         val_file = args.val_file or default_data_file("pretrain_tinystories_val.txt")
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         train = [s for s in train_all if len(s) <= args.max_chars and s not in held_out]
         out = {}
         for split, stories in (("train", train), ("val", val)):
-            lines = story_conversations(stories, common, args.n_words, args.seed, split)
+            draws = args.words_draws if split == "train" else 1
+            lines = story_conversations(stories, common, args.n_words, args.seed, split, args.words_within, draws)
             if not lines:
                 raise ValueError(f"no story of {train_file if split == 'train' else val_file} has at most --max_chars {args.max_chars} characters")
             out[split] = lines

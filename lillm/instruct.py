@@ -46,19 +46,22 @@ def common_words(counts: Counter, n: int = COMMON_WORDS) -> frozenset[str]:
     return frozenset(w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0]))[:n])
 
 
-def candidate_words(story: str, common: frozenset[str]) -> list[str]:
+def candidate_words(story: str, common: frozenset[str], within: int | None = None) -> list[str]:
     """The story's requestable words in order of first use: lowercase in the text at least once (so not a
-    name), at least 3 letters, not among the corpus's most frequent words."""
+    name), at least 3 letters, not among the corpus's most frequent words; with `within`, only words used
+    (in lowercase) among the story's first `within` words."""
     seen: dict[str, None] = {}
-    for w in _WORD.findall(story):
+    for w in _WORD.findall(story)[:within]:
         if w.islower() and len(w) >= 3 and w not in common:
             seen.setdefault(w, None)
     return list(seen)
 
 
-def choose_words(story: str, common: frozenset[str], n: int, rng: random.Random) -> list[str] | None:
+def choose_words(
+    story: str, common: frozenset[str], n: int, rng: random.Random, within: int | None = None
+) -> list[str] | None:
     """n distinct candidate words of the story, listed in the order the story uses them; None if it has fewer."""
-    candidates = candidate_words(story, common)
+    candidates = candidate_words(story, common, within)
     if len(candidates) < n:
         return None
     picked = set(rng.sample(candidates, n))
@@ -108,11 +111,14 @@ def parse_instruction(text: str) -> Instruction | None:
     return None
 
 
-def conversation(kind: str, story: str, common: frozenset[str], n_words: int, rng: random.Random) -> list[dict] | None:
-    """One instruction conversation of the given kind made from a story, or None when the story cannot make it."""
+def conversation(
+    kind: str, story: str, common: frozenset[str], n_words: int, rng: random.Random, words_within: int | None = None
+) -> list[dict] | None:
+    """One instruction conversation of the given kind made from a story, or None when the story cannot make it.
+    words_within: request only words the story uses among its first that many words (see choose_words)."""
     story = story.strip()
     if kind == "words":
-        words = choose_words(story, common, n_words, rng)
+        words = choose_words(story, common, n_words, rng, words_within)
         if words is None:
             return None
         user, reply = WORDS_TEMPLATE.format(words=", ".join(words)), story

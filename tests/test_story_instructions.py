@@ -88,6 +88,25 @@ def test_every_story_gives_a_words_conversation_and_the_held_out_ones_come_from_
     assert kinds.count("story_instruct/words") > 300 and kinds.count("story_instruct/begin") > 100
 
 
+def test_words_within_requests_early_words_and_draws_repeat_only_training_stories(data_dir: Path, tmp_path: Path):
+    prepare.main(["--out_dir", str(tmp_path), "--words_within", "25", "--words_draws", "3", "--max_chars", "500"])
+    common = common_words(word_counts(stories(data_dir / "pretrain_tinystories_train.txt")))
+    for split, most in (("train", 3), ("val", 1)):
+        words = [r for r in read_lines(tmp_path / f"story_instruct_{split}.jsonl") if r["source"] == "story_instruct/words"]
+        per_story: dict[str, list[tuple[str, ...]]] = {}
+        for record in words:
+            user, story = (m["content"] for m in record["messages"])
+            requested = parse_instruction(user).words
+            early = candidate_words(story, common, within=25)
+            assert set(requested) <= set(early) and list(requested) == [w for w in early if w in requested]
+            per_story.setdefault(story, []).append(requested)
+        counts = [len(v) for v in per_story.values()]
+        assert max(counts) == most and len(per_story) > (100 if split == "train" else 10)
+        assert all(len(set(v)) == len(v) for v in per_story.values())  # a repeated draw is dropped
+        if split == "train":  # stories with more than 3 early words get more than one set of words
+            assert sum(len(v) > 1 for v in per_story.values()) > 0.4 * len(per_story)
+
+
 def test_a_validation_story_in_the_training_file_is_left_out(data_dir: Path, tmp_path: Path):
     val = stories(data_dir / "pretrain_tinystories_val.txt")
     leaked = [s for s in val if len(s) <= 600][:3]  # short enough to be used
@@ -141,6 +160,9 @@ def test_word_choice_skips_names_short_and_common_words_and_keeps_story_order():
     story = "Tom had a red ball. The ball was big. Tom gave the kite to Sue and the dog ran."
     common = frozenset({"the", "and", "was", "had"})
     assert candidate_words(story, common) == ["red", "ball", "big", "gave", "kite", "dog", "ran"]
+    assert candidate_words(story, common, within=6) == ["red", "ball"]  # Tom had a red ball The
+    assert candidate_words(story, common, within=9) == ["red", "ball", "big"]
+    assert choose_words(story, common, 3, random.Random(0), within=6) is None
     picked = choose_words(story, common, 3, random.Random(0))
     assert len(set(picked)) == 3 and picked == [w for w in candidate_words(story, common) if w in picked]
     assert choose_words("Tom ran.", common, 3, random.Random(0)) is None
