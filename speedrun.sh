@@ -53,6 +53,7 @@ SFT_RECIPE="--max_steps 300 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_ste
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
     --vocab_size 2048 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"
+# shellcheck disable=SC2086
 stage "2. story instructions (chat data made from the stories)" \
   $PYTHON data/prepare_story_instructions.py --train_file "$DATA_DIR/pretrain_tinystories_train.txt" \
     --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct" $INSTRUCT_ARGS

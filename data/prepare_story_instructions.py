@@ -9,7 +9,8 @@ Every story becomes a "words" conversation ("Write a short story that uses the w
 story) and one of "begin" ("Write a story that begins with: <first sentence>", the reply is the story) or
 "continue" ("Continue this story: <first half>", the reply is the rest). The held-out file is made only from
 --val_file's stories, and a training story identical to a held-out one is skipped. The output depends only on
-the inputs and the flags (seeded per story), so two runs write identical bytes.
+the inputs and the flags (seeded per story), so two runs write identical bytes. --words_within N requests only
+words from a story's first N words; --words_draws K gives each training story up to K distinct word sets.
 """
 
 from __future__ import annotations
