@@ -47,9 +47,9 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 # bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX): faster here; emulated bf16 elsewhere is slower.
 # Native bf16 also buys steps: 4,500 fit the 10 minutes there (README, "A faster CPU recipe"); fp32 keeps the preset's 2,500.
 DTYPE=fp32; STEPS=""; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && { DTYPE=bf16; STEPS="--max_steps 4500"; }
-# Requested words come from each story's first 40 words, three draws per training story (README, "Story instructions").
-INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 40 --words_draws 3"}
-SFT_RECIPE="--max_steps 300 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30"  # README, "Story instructions"
+# Requested words come from each story's first 20 words, three draws per training story (README, "Story instructions").
+INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 20 --words_draws 3"}
+SFT_RECIPE="--max_steps 1200 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
     --vocab_size 2048 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from lillm.corpus import read_txt
 from lillm.data import file_sha256
+from lillm.fileio import utf8_lines
 from lillm.model import KVCache
 from lillm.tokenizer import encode_ordinary, special_tokens
 
@@ -82,27 +83,23 @@ def load_items(task: Task, path: str | os.PathLike, limit: int | None = None) ->
     if not path.is_file():
         raise FileNotFoundError(f"{task.name} data not found: {path} (pass --data_dir with {task.file})")
     items: list[Item] = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                choices = tuple(record["choices"])
-                item = Item(str(record["id"]), task.context(record), choices, int(record["label"]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: not a {task.name} item ({type(e).__name__}: {e})") from None
-            if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise ValueError(f"{path}:{line_no}: an item needs at least 2 non-empty string choices")
-            if not 0 <= item.label < len(choices):
-                raise ValueError(f"{path}:{line_no}: label {item.label} is not a choice index (0..{len(choices) - 1})")
-            items.append(item)
+    lines = utf8_lines(path) if limit != 0 else iter(())  # --limit 0 reads nothing and is refused below
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            choices = tuple(record["choices"])
+            item = Item(str(record["id"]), task.context(record), choices, int(record["label"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{line_no}: not a {task.name} item ({type(e).__name__}: {e})") from None
+        if len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ValueError(f"{path}:{line_no}: an item needs at least 2 non-empty string choices")
+        if not 0 <= item.label < len(choices):
+            raise ValueError(f"{path}:{line_no}: label {item.label} is not a choice index (0..{len(choices) - 1})")
+        items.append(item)
+        if len(items) == limit:  # stop here: lines past the limit are never read
+            break
     if not items:
         raise ValueError(f"{path}: no items to evaluate (empty file or --limit 0)")
     return items

@@ -241,3 +241,37 @@ def test_browser_chats_with_the_imported_smollm2(smollm2_server, smollm2_checkpo
             page.screenshot(path=str(ARTIFACTS / "gradio_smollm2.png"), full_page=True)
         finally:
             browser.close()
+
+
+def load_screenshot_script():
+    """misc/screenshot_chat.py is a script, not a module of a package: load it from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "misc" / "screenshot_chat.py"
+    spec = importlib.util.spec_from_file_location("screenshot_chat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_screenshot_script_saves_the_page_once_the_greedy_reply_is_complete(base_checkpoint, ckpt, tmp_path, capsys):
+    pytest.importorskip("playwright.sync_api")
+    message, out = "Write a short story that uses the words: dog, ball, park.", tmp_path / "chat.png"
+    expected = greedy_reply(ckpt, [{"role": "user", "content": message}])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # raises (a playwright timeout) unless the page comes to show exactly `expected`
+        load_screenshot_script().main(["--checkpoint", str(base_checkpoint), "--message", message,
+                                       "--max_new_tokens", str(REPLY_TOKENS), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1100  # PNG, the viewport's width
+    assert alphanumeric(expected) and capsys.readouterr().out.endswith(f"wrote {out}; the reply on the page:\n{expected}\n")
+
+
+def test_screenshot_script_missing_checkpoint_exits_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_screenshot_script().main(["--checkpoint", str(tmp_path / "nope"), "--message", "Hi"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"screenshot_chat.py: error: checkpoint folder not found: {tmp_path / 'nope'}\n"
