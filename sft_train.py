@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--system", type=cli.text, default=DEFAULT_SYSTEM_PROMPT,
                       help="system message for conversations without one ('' for none); saved in meta.json")
     data.add_argument("--train_on_inputs", action="store_true", help="loss on every token, not only the assistant's")
+    data.add_argument("--word_weight", type=float, default=1.0,
+                      help="loss weight of reply tokens spelling a word a story instruction asks for (README, "
+                           "\"Story instructions\"); held-out loss stays unweighted")
     train = p.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=16, help="conversations per micro-batch per process")
     train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step per process")
@@ -134,6 +137,8 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("lora_rank", "eval_samples", "instruct_eval"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not args.word_weight > 0 or args.word_weight == float("inf"):
+        raise ValueError(f"--word_weight must be a positive number, got {args.word_weight}")
     if args.sample_max_tokens is not None and args.sample_max_tokens < 1:
         raise ValueError(f"--sample_max_tokens must be positive, got {args.sample_max_tokens}")
     if args.fsdp and args.lora_rank:
@@ -253,7 +258,8 @@ def run(args: argparse.Namespace, info) -> None:
     prompts = []  # chosen first, so a bad --sample_max_tokens fails before any work
     if args.eval_samples and info.is_main:
         prompts = held_out_prompts(tokenizer, conversations(args, "val"), args.eval_samples, reply_budget, seq_len, system)
-    train = build_sft_dataset(tokenizer, conversations(args, "train"), seq_len, args.overflow, system, args.max_conversations)
+    train = build_sft_dataset(tokenizer, conversations(args, "train"), seq_len, args.overflow, system,
+                              args.max_conversations, args.word_weight)
     val = build_sft_dataset(tokenizer, conversations(args, "val"), seq_len, args.overflow, system, args.val_conversations)
     if info.is_main:
         print(f"train: {train.summary()}\nval:   {val.summary()}")

@@ -68,9 +68,13 @@ def choose_words(
     return [w for w in candidates if w in picked]
 
 
+def _whole_word(word: str) -> re.Pattern:
+    return re.compile(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", re.IGNORECASE)
+
+
 def contains_word(text: str, word: str) -> bool:
     """Whether `word` occurs in `text` as a whole word, ignoring case ("Cat." yes, "catch" no)."""
-    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, re.IGNORECASE) is not None
+    return _whole_word(word).search(text) is not None
 
 
 def first_sentence(story: str) -> str:
@@ -135,6 +139,30 @@ def conversation(
     else:
         raise ValueError(f"unknown instruction kind {kind!r}; expected one of {', '.join(KINDS)}")
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def requested_word_positions(tokenizer, messages: Sequence[dict], system: str | None = None) -> list[int]:
+    """Where, in the ids `lillm.chat.render(tokenizer, messages, system=system)` gives, the last reply first
+    uses each word its user turn asked for: the tokens that overlap the first whole-word occurrence
+    (case-insensitive, as contains_word finds it) of each requested word. [] unless the last message is an
+    assistant reply to a words instruction. SFT weighs these tokens up (sft_train.py --word_weight): they are
+    the few tokens of a long reply that show the instruction was read, the rest is story the model can write
+    without reading it. Later uses are not weighed, so the model learns to bring a word in, not to repeat it."""
+    from lillm.chat import render
+
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+        return []
+    instruction = parse_instruction(messages[-2]["content"])
+    if instruction is None or instruction.kind != "words":
+        return []
+    if not hasattr(tokenizer, "encode_batch"):  # offsets come from a tokenizers.Tokenizer
+        raise ValueError("weighing requested words needs a tokenizers.Tokenizer (tokenizer.json), not a BPETokenizer")
+    start = len(render(tokenizer, messages[:-1], add_generation_prompt=True, system=system)[0])
+    reply = messages[-1]["content"]
+    offsets = tokenizer.encode(reply, add_special_tokens=False).offsets
+    firsts = [_whole_word(w).search(reply) for w in instruction.words]
+    spans = [m.span() for m in firsts if m is not None]
+    return [start + t for t, (a, b) in enumerate(offsets) if any(a < e and s < b for s, e in spans)]
 
 
 # --------------------------------------------------------------------------------------------- scoring

@@ -26,6 +26,7 @@ import torch
 
 from lillm.chat import render
 from lillm.fileio import utf8_lines
+from lillm.instruct import requested_word_positions
 from lillm.tokenizer import special_tokens
 
 Messages = list[Mapping[str, str]]
@@ -38,7 +39,7 @@ class SFTDataset:
 
     pad_id: int  # the tokenizer's pad token, what `collate` pads inputs with
     ids: list[np.ndarray] = field(default_factory=list)  # int32 token ids
-    masks: list[np.ndarray] = field(default_factory=list)  # uint8, 1 on assistant tokens
+    masks: list[np.ndarray] = field(default_factory=list)  # loss weights: 1 on assistant tokens (see word_weight)
     conversations: int = 0  # read from the source
     truncated: int = 0  # kept, cut at a turn boundary
     dropped: int = 0  # not even the first assistant reply fits the context
@@ -48,7 +49,7 @@ class SFTDataset:
 
     def summary(self) -> str:
         tokens = sum(len(i) for i in self.ids)
-        assistant = sum(int(m.sum()) for m in self.masks)
+        assistant = sum(np.count_nonzero(m) for m in self.masks)
         return (
             f"{len(self)} conversations ({self.truncated} truncated, {self.dropped} dropped of {self.conversations} "
             f"read), {tokens:,} tokens, {assistant:,} assistant tokens ({assistant / max(1, tokens):.0%})"
@@ -111,10 +112,13 @@ def build_sft_dataset(
     overflow: str = "truncate",
     system: str | None = None,
     limit: int | None = None,
+    word_weight: float = 1.0,
 ) -> SFTDataset:
     """Render up to `limit` conversations for a model with a context of max_seq_len tokens (a training sequence
     is max_seq_len inputs plus one more target, so a conversation may have max_seq_len + 1 tokens).
-    overflow="drop" skips every conversation that would need cutting; "truncate" keeps its leading turns."""
+    overflow="drop" skips every conversation that would need cutting; "truncate" keeps its leading turns.
+    word_weight: the loss weight of reply tokens that spell a word a story instruction asked for
+    (lillm.instruct.requested_word_positions); every other assistant token weighs 1."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     data = SFTDataset(pad_id=special_tokens(tokenizer).pad)
@@ -128,8 +132,11 @@ def build_sft_dataset(
             data.dropped += 1
             continue
         ids, mask, truncated = fitted
+        weights = np.asarray(mask, dtype=np.uint8 if word_weight == 1.0 else np.float32)
+        if word_weight != 1.0 and not truncated:  # a truncated conversation lost its last reply
+            weights[requested_word_positions(tokenizer, messages, system)] = word_weight
         data.ids.append(np.asarray(ids, dtype=np.int32))
-        data.masks.append(np.asarray(mask, dtype=np.uint8))
+        data.masks.append(weights)
         data.truncated += truncated
     if not data.ids:
         raise ValueError(

@@ -6,8 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lillm.chat import render, render_text
@@ -19,11 +21,13 @@ from lillm.instruct import (
     conversation,
     openings_followed,
     parse_instruction,
+    requested_word_positions,
     shuffled,
     split_half,
     word_counts,
     words_followed,
 )
+from lillm.sft_data import build_sft_dataset
 from lillm.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +174,49 @@ def test_word_choice_skips_names_short_and_common_words_and_keeps_story_order():
     assert begin[0]["content"] == "Write a story that begins with: Tom had a red ball." and begin[1]["content"] == story
     start, rest = split_half(story)
     assert start == "Tom had a red ball. The ball was big." and rest.startswith("Tom gave")
+
+
+def test_requested_word_positions_are_the_reply_tokens_that_first_use_each_word(tokenizer_path: Path):
+    tokenizer = load_tokenizer(tokenizer_path)
+    reply = "The Cat saw a catch. A cat and a kite! Kites flew."
+    messages = [{"role": "user", "content": "Write a short story that uses the words: cat, kite."},
+                {"role": "assistant", "content": reply}]
+    for system in (None, "You are a helpful assistant."):
+        ids, mask = render(tokenizer, messages, system=system)
+        positions = requested_word_positions(tokenizer, messages, system)
+        assert all(mask[p] == 1 for p in positions)  # reply tokens only, never the prompt's own "cat, kite"
+        runs = [[p] for p in positions[:1]]
+        for p in positions[1:]:  # a word of several tokens is a run of consecutive positions
+            runs[-1].append(p) if p == runs[-1][-1] + 1 else runs.append([p])
+        spelled = [tokenizer.decode([ids[p] for p in run]).strip() for run in runs]
+        assert spelled == ["Cat", "kite"]  # each word's first use as a whole word: not "catch", not "Kites"
+    other = [{"role": "user", "content": "Write a story that begins with: A cat sat."}, {"role": "assistant", "content": reply}]
+    assert requested_word_positions(tokenizer, other) == []
+    assert requested_word_positions(tokenizer, messages[:1]) == []
+
+
+def test_word_weight_weighs_exactly_the_first_use_of_each_requested_word(made: Path, tokenizer_path: Path):
+    tokenizer = load_tokenizer(tokenizer_path)
+    records = [r["messages"] for r in read_lines(made / "story_instruct_val.jsonl")[:40]]
+    source = lambda: ((f"val:{i}", m) for i, m in enumerate(records))  # noqa: E731
+    plain = build_sft_dataset(tokenizer, source(), 1024, system="You are a helpful assistant.")
+    weighted = build_sft_dataset(tokenizer, source(), 1024, system="You are a helpful assistant.", word_weight=8.0)
+    assert plain.summary() == weighted.summary() and len(plain) == len(records)
+    n_weighted = 0
+    for messages, ids, m, w in zip(records, plain.ids, plain.masks, weighted.masks):
+        assert (w > 0).tolist() == (m > 0).tolist()  # the same assistant tokens count, some of them more
+        heavy = (w == 8.0).nonzero()[0]
+        n_weighted += len(heavy)
+        instruction = parse_instruction(messages[0]["content"])
+        if instruction.kind != "words":
+            assert len(heavy) == 0
+            continue
+        runs = np.split(heavy, np.flatnonzero(np.diff(heavy) > 1) + 1)  # a word of several tokens is one run
+        spelled = [w for run in runs for w in re.findall("[A-Za-z]+", tokenizer.decode(ids[run].tolist()))]
+        used = [w for w in re.findall("[A-Za-z]+", messages[1]["content"]) if w.lower() in instruction.words]
+        firsts = [w for i, w in enumerate(used) if w.lower() not in {u.lower() for u in used[:i]}]
+        assert spelled == firsts and len(firsts) == 3  # each requested word's first use, in order, nothing else
+    assert n_weighted > 0
 
 
 def test_scores_on_hand_made_replies():
