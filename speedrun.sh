@@ -49,7 +49,7 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 DTYPE=fp32; STEPS=""; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && { DTYPE=bf16; STEPS="--max_steps 4500"; }
 # Requested words come from each story's first 20 words, three draws per training story (README, "Story instructions").
 INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 20 --words_draws 3"}
-SFT_RECIPE="--max_steps 1200 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30"  # README, "Story instructions"
+SFT_RECIPE="--max_steps 1200 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30 --word_weight 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
     --vocab_size 2048 --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --output "$OUT/tokenizer.json"
