@@ -61,6 +61,25 @@ def _quote(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
 
+def _instruction_rows(instruct: dict | None) -> list[str]:
+    """The story-instruction score of an SFT summary (lillm.instruct.instruction_report) as table rows."""
+    if not instruct:
+        return []
+    sft, base, other = instruct["sft"], instruct["base"], instruct.get("sft_shuffled_words", {})
+    rows = []
+    if "all_words" in sft:
+        contrast = f", another instruction's words {other['all_words']:.0%}" if other else ""
+        rows.append(f"| story instructions: replies using every requested word ({instruct['n_words']} held out) | "
+                    f"**{sft['all_words']:.0%}** (base {base['all_words']:.0%}{contrast}) |")
+        contrast = f", another instruction's {other['words']:.0%}" if other else ""
+        rows.append(f"| story instructions: requested words used | {sft['words']:.0%} (base {base['words']:.0%}{contrast}) |")
+    if "opening" in sft:
+        rows.append(f"| story instructions: replies starting with the requested opening ({instruct['n_begin']} held out) | "
+                    f"{sft['opening']:.0%} (base {base['opening']:.0%}) |")
+    rows.append(f"| story instructions: replies ending with `<|im_end|>` | **{sft['im_end']:.0%}** (base {base['im_end']:.0%}) |")
+    return rows
+
+
 def render_report(
     evaluations: Sequence[dict],
     stage_times: Sequence[tuple[str, int]] | None = None,
@@ -132,6 +151,7 @@ def render_report(
                     f"| greedy replies to {summary['im_end_samples']} held-out prompts that end with `<|im_end|>` | "
                     f"**{summary['im_end_rate']:.0%}** |"
                 )
+            lines += _instruction_rows(summary.get("instruct"))
             lines.append("")
 
     for ev in evaluations:

@@ -27,6 +27,7 @@ from lillm.instruct import (
     word_counts,
     words_followed,
 )
+from lillm.report import machine_info, render_report
 from lillm.sft_data import build_sft_dataset
 from lillm.tokenizer import load_tokenizer
 
@@ -257,6 +258,15 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
     first_words = next(r for r in read_lines(data / "story_instruct_val.jsonl") if r["source"] == "story_instruct/words")
     assert report["examples"][0]["user"] == first_words["messages"][0]["content"]
     assert set(report["sft_shuffled_words"]) == {"all_words", "words"}
+
+    # The report card shows the same numbers (speedrun.sh writes it from evaluate.py's JSON, which holds meta.json).
+    card = render_report([{"checkpoint": str(out), "model": {"stage": "sft", "parameters": 1e6, "max_seq_len": 128},
+                           "meta": meta, "machine": machine_info()}])
+    sft, base, other = report["sft"], report["base"], report["sft_shuffled_words"]
+    assert (f"| story instructions: replies using every requested word (4 held out) | **{sft['all_words']:.0%}** "
+            f"(base {base['all_words']:.0%}, another instruction's words {other['all_words']:.0%}) |") in card
+    assert f"| story instructions: replies ending with `<|im_end|>` | **{sft['im_end']:.0%}** (base 0%) |" in card
+    assert f"opening ({report['n_begin']} held out) | {sft['opening']:.0%} (base {base['opening']:.0%}) |" in card
 
 
 def test_missing_input_exits_2_with_one_line(tmp_path, capsys):
