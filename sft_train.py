@@ -139,6 +139,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not args.word_weight > 0 or args.word_weight == float("inf"):
         raise ValueError(f"--word_weight must be a positive number, got {args.word_weight}")
+    if args.word_weight != 1.0 and args.train_on_inputs:
+        raise ValueError("--word_weight has no effect with --train_on_inputs (every token weighs 1 there): drop one of them")
     if args.sample_max_tokens is not None and args.sample_max_tokens < 1:
         raise ValueError(f"--sample_max_tokens must be positive, got {args.sample_max_tokens}")
     if args.fsdp and args.lora_rank:
