@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="system message for conversations without one ('' for none); saved in meta.json")
     data.add_argument("--train_on_inputs", action="store_true", help="loss on every token, not only the assistant's")
     data.add_argument("--word_weight", type=float, default=1.0,
-                      help="loss weight of reply tokens spelling a word a story instruction asks for (README, "
+                      help="loss weight of the reply tokens that first use each word a story instruction asks for (README, "
                            "\"Story instructions\"); held-out loss stays unweighted")
     train = p.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=16, help="conversations per micro-batch per process")

@@ -58,8 +58,8 @@ stage "2. story instructions (chat data made from the stories)" \
   $PYTHON data/prepare_story_instructions.py --train_file "$DATA_DIR/pretrain_tinystories_train.txt" \
     --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct" $INSTRUCT_ARGS
 # Pretraining reads the stories and, as plain text ("instruction" newline "story"), the training instructions made
-# from them (TinyStories-Instruct's recipe): copying requested words is learned over the whole run, not in the
-# SFT steps (README, "Story instructions"). Validation is the plain held-out stories.
+# from them (TinyStories-Instruct's recipe); SFT then weighs each requested word's first use 30x (--word_weight),
+# which is what makes the model copy (README, "Story instructions"). Validation is the plain held-out stories.
 stage "3. token shards (stories + story instructions as text)" \
   $PYTHON data/prepare_pretrain.py "$DATA_DIR/pretrain_tinystories_train.txt" "$OUT/story_instruct/story_instruct_train.jsonl" \
     --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --tokenizer "$OUT/tokenizer.json" --out_dir "$OUT/shards"

@@ -117,7 +117,7 @@ def build_sft_dataset(
     """Render up to `limit` conversations for a model with a context of max_seq_len tokens (a training sequence
     is max_seq_len inputs plus one more target, so a conversation may have max_seq_len + 1 tokens).
     overflow="drop" skips every conversation that would need cutting; "truncate" keeps its leading turns.
-    word_weight: the loss weight of reply tokens that spell a word a story instruction asked for
+    word_weight: the loss weight of the reply tokens that first use each word a story instruction asked for
     (lillm.instruct.requested_word_positions); every other assistant token weighs 1."""
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
