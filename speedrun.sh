@@ -7,7 +7,8 @@
 #   bash speedrun.sh /path/to/data out/   # DATA_DIR holding pretrain_tinystories_{train,val}.txt, chat_{train,val}.jsonl
 #
 # Extra flags for the training stages can be passed through PRETRAIN_ARGS and SFT_ARGS (and for
-# data/prepare_story_instructions.py through INSTRUCT_ARGS), e.g.
+# data/prepare_story_instructions.py through INSTRUCT_ARGS for the held-out set and the pretraining mix, and
+# SFT_DATA_ARGS for the SFT training set), e.g.
 #   PRETRAIN_ARGS="--max_steps 1500" bash speedrun.sh
 # EVAL_LIMIT (default 500) is how many items of each multiple-choice set are scored.
 # A run never replaces the checkpoints of an earlier one in OUT_DIR: remove the folder, or pass
@@ -47,8 +48,11 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 # bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX): faster here; emulated bf16 elsewhere is slower.
 # Native bf16 also buys steps: 4,500 fit the 10 minutes there (README, "A faster CPU recipe"); fp32 keeps the preset's 2,500.
 DTYPE=fp32; STEPS=""; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && { DTYPE=bf16; STEPS="--max_steps 4500"; }
-# Requested words come from each story's first 20 words, three draws per training story (README, "Story instructions").
+# Held-out instructions and the pretraining mix: requested words from each story's first 20 words, three draws per
+# training story. The SFT training set is wider: words from the first 40 words, and the long training stories cut
+# after a sentence (--cut_chars), so it holds three times the distinct stories (README, "Story instructions").
 INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 20 --words_draws 3"}
+SFT_DATA_ARGS=${SFT_DATA_ARGS:-"--words_within 40 --words_draws 3 --cut_chars 650"}
 SFT_RECIPE="--max_steps 1200 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30 --word_weight 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
@@ -57,6 +61,10 @@ stage "1. tokenizer (2048 tokens, TinyStories)" \
 stage "2. story instructions (chat data made from the stories)" \
   $PYTHON data/prepare_story_instructions.py --train_file "$DATA_DIR/pretrain_tinystories_train.txt" \
     --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct" $INSTRUCT_ARGS
+# shellcheck disable=SC2086
+stage "2b. story instructions for SFT (wider word window, long stories cut)" \
+  $PYTHON data/prepare_story_instructions.py --train_file "$DATA_DIR/pretrain_tinystories_train.txt" \
+    --val_file "$DATA_DIR/pretrain_tinystories_val.txt" --out_dir "$OUT/story_instruct_sft" $SFT_DATA_ARGS
 # Pretraining reads the stories and, as plain text ("instruction" newline "story"), the training instructions made
 # from them (TinyStories-Instruct's recipe); SFT then weighs each requested word's first use 30x (--word_weight),
 # which is what makes the model copy (README, "Story instructions"). Validation is the plain held-out stories.
@@ -70,7 +78,7 @@ stage "4. pretraining (cpu preset, $DTYPE)" \
 #   SFT_ARGS="--train_file $DATA_DIR/chat_train.jsonl --val_file $DATA_DIR/chat_val.jsonl"
 # shellcheck disable=SC2086
 stage "5. supervised fine-tuning (story instructions)" \
-  $PYTHON sft_train.py --init "$OUT/base" --train_file "$OUT/story_instruct/story_instruct_train.jsonl" \
+  $PYTHON sft_train.py --init "$OUT/base" --train_file "$OUT/story_instruct_sft/story_instruct_train.jsonl" \
     --val_file "$OUT/story_instruct/story_instruct_val.jsonl" --dtype $DTYPE $SFT_RECIPE \
     --out_dir "$OUT/sft" --log_dir "$OUT/runs/sft" ${SFT_ARGS:-}
 stage "6. a chat exchange" \

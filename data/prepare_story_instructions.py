@@ -10,7 +10,9 @@ story) and one of "begin" ("Write a story that begins with: <first sentence>", t
 "continue" ("Continue this story: <first half>", the reply is the rest). The held-out file is made only from
 --val_file's stories, and a training story identical to a held-out one is skipped. The output depends only on
 the inputs and the flags (seeded per story), so two runs write identical bytes. --words_within N requests only
-words from a story's first N words; --words_draws K gives each training story up to K distinct word sets.
+words from a story's first N words; --words_draws K gives each training story up to K distinct word sets;
+--cut_chars N cuts each training story longer than N characters after its last sentence within N, so long
+stories are used too (held-out stories over --max_chars are always skipped, so the held-out set does not change).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lillm.corpus import check_files, read_txt  # noqa: E402
-from lillm.instruct import COMMON_WORDS, common_words, conversation, word_counts  # noqa: E402
+from lillm.instruct import COMMON_WORDS, common_words, conversation, cut_story, word_counts  # noqa: E402
 from lillm.paths import default_data_file  # noqa: E402
 from lillm.tokenizer import atomic_write_text  # noqa: E402
 
@@ -59,11 +61,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="words conversations per training story, each with its own words (held-out: always 1)")
     p.add_argument("--max_chars", type=int, default=800,
                    help="skip longer stories (800 characters fit a 256-token context with a 2048-token tokenizer)")
+    p.add_argument("--cut_chars", type=int,
+                   help="cut each training story longer than N characters after its last sentence within N, instead "
+                        "of skipping those over --max_chars (held-out stories over --max_chars are still skipped)")
     p.add_argument("--common_words", type=int, default=COMMON_WORDS, help="never request the N most frequent words")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     try:
-        for name in ("n_words", "max_chars", "words_within", "words_draws"):
+        for name in ("n_words", "max_chars", "cut_chars", "words_within", "words_draws"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
         train_file = args.train_file or default_data_file("pretrain_tinystories_train.txt")
@@ -73,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         common = common_words(word_counts(train_all), args.common_words)
         val = [s for s in read_txt(val_file) if len(s) <= args.max_chars]
         held_out = set(val)
-        train = [s for s in train_all if len(s) <= args.max_chars and s not in held_out]
+        train = [s for s in train_all if s not in held_out]
+        if args.cut_chars is not None:
+            train = [c for c in (cut_story(s, args.cut_chars) for s in train) if c is not None]
+        else:
+            train = [s for s in train if len(s) <= args.max_chars]
         out = {}
         for split, stories in (("train", train), ("val", val)):
             draws = args.words_draws if split == "train" else 1

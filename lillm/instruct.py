@@ -95,6 +95,17 @@ def split_half(story: str) -> tuple[str, str] | None:
     return story[:cut].rstrip(), story[cut:].lstrip()
 
 
+def cut_story(story: str, max_chars: int) -> str | None:
+    """The story's longest start that ends at a sentence end and has at most max_chars characters (the whole
+    story if it is short enough); None when even its first sentence is longer."""
+    story = story.strip()
+    if len(story) <= max_chars:
+        return story
+    starts = [story[: m.end()].rstrip() for m in _SENTENCE_END.finditer(story)]
+    fitting = [s for s in starts if len(s) <= max_chars]
+    return fitting[-1] if fitting else None
+
+
 @dataclass(frozen=True)
 class Instruction:
     """What a user turn asks for: kind is "words", "begin" or "continue"; words or opening say what to check."""

@@ -19,6 +19,7 @@ from lillm.instruct import (
     common_words,
     contains_word,
     conversation,
+    cut_story,
     openings_followed,
     parse_instruction,
     requested_word_positions,
@@ -112,15 +113,56 @@ def test_words_within_requests_early_words_and_draws_repeat_only_training_storie
             assert sum(len(v) > 1 for v in per_story.values()) > 0.4 * len(per_story)
 
 
-def test_a_validation_story_in_the_training_file_is_left_out(data_dir: Path, tmp_path: Path):
+def test_cut_story_ends_at_the_last_sentence_that_fits():
+    story = 'Tom ran. "Hi!" said Sue. The end came soon.'
+    assert cut_story(story, 100) == story
+    assert cut_story(story, 24) == cut_story(story, 30) == 'Tom ran. "Hi!" said Sue.'
+    assert cut_story(story, 14) == 'Tom ran. "Hi!"'  # a closing quote stays with its sentence
+    assert cut_story(story, 13) == cut_story(story, 8) == "Tom ran."
+    assert cut_story(story, 7) is None
+
+
+def test_cut_chars_uses_long_training_stories_cut_at_a_sentence_and_leaves_held_out_ones_alone(data_dir: Path, tmp_path: Path):
+    args = ["--words_within", "30", "--max_chars", "500"]
+    prepare.main(["--out_dir", str(tmp_path / "skip"), *args])
+    prepare.main(["--out_dir", str(tmp_path / "cut"), *args, "--cut_chars", "500"])
+    val = "story_instruct_val.jsonl"
+    assert (tmp_path / "skip" / val).read_bytes() == (tmp_path / "cut" / val).read_bytes()
+    train = [s.strip() for s in stories(data_dir / "pretrain_tinystories_train.txt")]
+    by_start = {}
+    for story in train:
+        by_start.setdefault(story[:40], []).append(story)
+    cut_from_longer = 0
+    records = read_lines(tmp_path / "cut" / "story_instruct_train.jsonl")
+    for record in records:
+        user, reply = (m["content"] for m in record["messages"])
+        start = user.removeprefix("Continue this story: ") if record["source"].endswith("continue") else ""
+        held = {}  # source story -> how many of its characters the conversation holds
+        for s in by_start[(start or reply)[:40]]:
+            rest = s[len(start):]
+            if s.startswith(start) and rest.lstrip().startswith(reply):
+                held[s] = len(s) - len(rest.lstrip()) + len(reply)
+        assert held and min(held.values()) <= 500, record
+        if all(n < len(s) for s, n in held.items()):  # cut: right after a sentence, before whitespace
+            assert reply[-1] in '.!?"\'' and any(s[n].isspace() for s, n in held.items()), record
+            cut_from_longer += 1
+    words = lambda rs: sum(r["source"] == "story_instruct/words" for r in rs)  # noqa: E731
+    skipped = read_lines(tmp_path / "skip" / "story_instruct_train.jsonl")
+    assert cut_from_longer > 1000 and words(records) > 1.5 * words(skipped)
+
+
+@pytest.mark.parametrize("extra", [[], ["--cut_chars", "300"]])
+def test_a_validation_story_in_the_training_file_is_left_out(data_dir: Path, tmp_path: Path, extra: list[str]):
     val = stories(data_dir / "pretrain_tinystories_val.txt")
-    leaked = [s for s in val if len(s) <= 600][:3]  # short enough to be used
+    leaked = [s for s in val if 400 <= len(s) <= 600][:3]  # short enough to be used, long enough to be cut
     train_file = tmp_path / "train.txt"
     train_file.write_text("\n\n".join(leaked + stories(data_dir / "pretrain_tinystories_train.txt")[:100]) + "\n", encoding="utf-8")
-    prepare.main(["--train_file", str(train_file), "--out_dir", str(tmp_path / "out")])
+    prepare.main(["--train_file", str(train_file), "--out_dir", str(tmp_path / "out"), *extra])
     text = (tmp_path / "out" / "story_instruct_train.jsonl").read_text(encoding="utf-8")
+    assert text.count("\n") > 50
     for story in leaked:
         assert json.dumps(story, ensure_ascii=False)[1:-1] not in text  # a words/begin reply would hold it whole
+        assert json.dumps(cut_story(story, 300), ensure_ascii=False)[1:-1] not in text  # or its cut start
         for half in split_half(story):  # a continue conversation would hold its start and its rest
             assert json.dumps(half, ensure_ascii=False)[1:-1] not in text
 
@@ -275,3 +317,12 @@ def test_missing_input_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("prepare_story_instructions.py: error:") and "nope.txt" in err
     assert "\n" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--cut_chars", "--words_within", "--words_draws"])
+def test_a_count_below_one_exits_2_with_one_line(flag: str, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--out_dir", str(tmp_path / "out"), flag, "0"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"prepare_story_instructions.py: error: {flag} must be positive, got 0"
+    assert not (tmp_path / "out").exists()
