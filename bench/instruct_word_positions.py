@@ -5,7 +5,8 @@ the tokenizer keeps them as one token.
 
 The same greedy replies as the SFT summary's instruction score (lillm.instruct.instruction_scores on the first
 --n held-out words and begin instructions, the checkpoint's system message, the whole context); prints the
-scores, then how often the 1st, 2nd, ... listed word is used and the share of one-token and split words used.
+scores, then how often the 1st, 2nd, ... listed word is used, the share of one-token and split words used, and
+how many times the held-out stories themselves use each of their requested words (against the replies' uses_per_word).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lillm.checkpoint import load_checkpoint  # noqa: E402  (after the path insert)
 from lillm.generate import checkpoint_system_prompt  # noqa: E402
-from lillm.instruct import contains_word, held_out_instructions, instruction_scores  # noqa: E402
+from lillm.instruct import contains_word, held_out_instructions, instruction_scores, words_followed  # noqa: E402
 from lillm.sft_data import read_jsonl_conversations  # noqa: E402
 
 
@@ -31,7 +32,9 @@ def main() -> None:
     args = p.parse_args()
 
     ckpt = load_checkpoint(args.checkpoint)
-    instructions = held_out_instructions((m for _, m in read_jsonl_conversations(args.val_file)), args.n)
+    conversations = [m for _, m in read_jsonl_conversations(args.val_file)]
+    instructions = held_out_instructions(conversations, args.n)
+    stories = {m[0]["content"]: m[-1]["content"] for m in conversations}
     scores, examples = instruction_scores(ckpt.model, ckpt.tokenizer, instructions, True,
                                           checkpoint_system_prompt(ckpt.meta), ckpt.config.max_seq_len)
     used_at: list[int] = []
@@ -44,8 +47,10 @@ def main() -> None:
             tally = used[len(ckpt.tokenizer.encode(" " + word).ids) == 1]
             tally[0] += hit
             tally[1] += 1
-    print(json.dumps({"scores": scores, "used_by_place": used_at,
-                      "one_token_words_used": used[True], "split_words_used": used[False]}))
+    story_uses = words_followed([stories[text] for text, _ in instructions["words"]],
+                                [i.words for _, i in instructions["words"]])["uses_per_word"]
+    print(json.dumps({"scores": scores, "used_by_place": used_at, "one_token_words_used": used[True],
+                      "split_words_used": used[False], "held_out_stories_uses_per_word": story_uses}))
 
 
 if __name__ == "__main__":

@@ -180,13 +180,17 @@ def requested_word_positions(tokenizer, messages: Sequence[dict], system: str | 
 
 
 def words_followed(replies: Sequence[str], word_lists: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Share of replies containing every requested word, and share of all requested words used."""
+    """Share of replies containing every requested word, share of all requested words used, and how many times
+    a reply uses a requested word on average (uses_per_word: a story uses each about twice; a reply that stuffs
+    the words in, "candy candy candy", scores far more)."""
     if len(replies) != len(word_lists) or not replies:
         raise ValueError(f"need as many word lists as replies (got {len(word_lists)} and {len(replies)}), at least one")
-    hits = [[contains_word(r, w) for w in words] for r, words in zip(replies, word_lists)]
+    uses = [[len(_whole_word(w).findall(r)) for w in words] for r, words in zip(replies, word_lists)]
+    n_words = sum(map(len, uses))
     return {
-        "all_words": sum(all(h) for h in hits) / len(hits),
-        "words": sum(map(sum, hits)) / sum(map(len, hits)),
+        "all_words": sum(all(u) for u in uses) / len(uses),
+        "words": sum(sum(map(bool, u)) for u in uses) / n_words,
+        "uses_per_word": sum(map(sum, uses)) / n_words,
     }
 
 
@@ -294,7 +298,8 @@ def report_line(report: dict) -> str:
     if "all_words" in sft:
         parts.append(f"all {report['n_words']} word sets used {sft['all_words']:.0%} (base {base['all_words']:.0%}"
                      + (f", shuffled {report['sft_shuffled_words']['all_words']:.0%}" if "sft_shuffled_words" in report else "")
-                     + f"), words {sft['words']:.0%}")
+                     + f"), words {sft['words']:.0%}"
+                     + (f", {sft['uses_per_word']:.1f} uses per word" if "uses_per_word" in sft else ""))
     if "opening" in sft:
         parts.append(f"opening kept {sft['opening']:.0%} of {report['n_begin']} (base {base['opening']:.0%})")
     parts.append(f"<|im_end|> {sft['im_end']:.0%} (base {base['im_end']:.0%})")

@@ -73,6 +73,9 @@ def _instruction_rows(instruct: dict | None) -> list[str]:
                     f"**{sft['all_words']:.0%}** (base {base['all_words']:.0%}{contrast}) |")
         contrast = f", another instruction's {other['words']:.0%}" if other else ""
         rows.append(f"| story instructions: requested words used | {sft['words']:.0%} (base {base['words']:.0%}{contrast}) |")
+        if "uses_per_word" in sft:
+            rows.append(f"| story instructions: uses of a requested word per reply | {sft['uses_per_word']:.1f} "
+                        f"(base {base['uses_per_word']:.1f}) |")
     if "opening" in sft:
         rows.append(f"| story instructions: replies starting with the requested opening ({instruct['n_begin']} held out) | "
                     f"{sft['opening']:.0%} (base {base['opening']:.0%}) |")

@@ -263,11 +263,11 @@ def test_word_weight_weighs_exactly_the_first_use_of_each_requested_word(made: P
 
 
 def test_scores_on_hand_made_replies():
-    replies = ["The dog found a ball.", "A cat ran to the catch.", "Nothing here.", "Ball, DOG, happy!"]
+    replies = ["The dog found a ball. The dog, the dogs.", "A cat ran to the catch.", "Nothing here.", "Ball, DOG, happy!"]
     words = [("dog", "ball"), ("cat", "catch"), ("dog", "sun"), ("happy", "sun")]
-    assert words_followed(replies, words) == {"all_words": 2 / 4, "words": 5 / 8}
+    assert words_followed(replies, words) == {"all_words": 2 / 4, "words": 5 / 8, "uses_per_word": 6 / 8}  # "dogs" is no use
     assert shuffled(words) == [words[1], words[2], words[3], words[0]]
-    assert words_followed(replies, shuffled(words)) == {"all_words": 1 / 4, "words": 2 / 8}  # only reply 3 fits words 0
+    assert words_followed(replies, shuffled(words)) == {"all_words": 1 / 4, "words": 2 / 8, "uses_per_word": 2 / 8}  # only reply 3 fits words 0
     assert openings_followed([" Once upon a time.", "Once upon", "Hi."], ["Once upon a time.", "Once upon a time.", "Hi."]) == 2 / 3
     with pytest.raises(ValueError):
         words_followed(replies, words[:2])
@@ -294,12 +294,12 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
     kinds = [r["source"] for r in read_lines(data / "story_instruct_val.jsonl")]
     assert report["n_words"] == 4 and report["n_begin"] == min(4, kinds.count("story_instruct/begin")) > 0
     for who in ("sft", "base"):
-        assert set(report[who]) == {"all_words", "words", "opening", "im_end"}
+        assert set(report[who]) == {"all_words", "words", "uses_per_word", "opening", "im_end"}
         assert 0 <= report[who]["all_words"] <= 1 and round(report[who]["all_words"] * 4) == report[who]["all_words"] * 4
     assert report["base"]["im_end"] == 0.0  # the base model never saw the chat template
     first_words = next(r for r in read_lines(data / "story_instruct_val.jsonl") if r["source"] == "story_instruct/words")
     assert report["examples"][0]["user"] == first_words["messages"][0]["content"]
-    assert set(report["sft_shuffled_words"]) == {"all_words", "words"}
+    assert set(report["sft_shuffled_words"]) == {"all_words", "words", "uses_per_word"}
 
     # The report card shows the same numbers (speedrun.sh writes it from evaluate.py's JSON, which holds meta.json).
     card = render_report([{"checkpoint": str(out), "model": {"stage": "sft", "parameters": 1e6, "max_seq_len": 128},
@@ -308,6 +308,7 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
     assert (f"| story instructions: replies using every requested word (4 held out) | **{sft['all_words']:.0%}** "
             f"(base {base['all_words']:.0%}, another instruction's words {other['all_words']:.0%}) |") in card
     assert f"| story instructions: replies ending with `<|im_end|>` | **{sft['im_end']:.0%}** (base 0%) |" in card
+    assert f"| story instructions: uses of a requested word per reply | {sft['uses_per_word']:.1f} (base {base['uses_per_word']:.1f}) |" in card
     assert f"opening ({report['n_begin']} held out) | {sft['opening']:.0%} (base {base['opening']:.0%}) |" in card
 
 
