@@ -49,10 +49,10 @@ stage() {  # stage NAME COMMAND...: run it, time it, remember the time
 # Native bf16 also buys steps: 4,500 fit the 10 minutes there (README, "A faster CPU recipe"); fp32 keeps the preset's 2,500.
 DTYPE=fp32; STEPS=""; grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && { DTYPE=bf16; STEPS="--max_steps 4500"; }
 # Held-out instructions and the pretraining mix: requested words from each story's first 20 words, three draws per
-# training story. The SFT training set is wider: words from the first 40 words, and the long training stories cut
+# training story. The SFT training set is wider: words from the first 30 words, and the long training stories cut
 # after a sentence (--cut_chars), so it holds three times the distinct stories (README, "Story instructions").
 INSTRUCT_ARGS=${INSTRUCT_ARGS:-"--words_within 20 --words_draws 3"}
-SFT_DATA_ARGS=${SFT_DATA_ARGS:-"--words_within 40 --words_draws 3 --cut_chars 650"}
+SFT_DATA_ARGS=${SFT_DATA_ARGS:-"--words_within 30 --words_draws 3 --cut_chars 650"}
 SFT_RECIPE="--max_steps 1200 --batch_size 16 --lr 3e-3 --min_lr 3e-4 --warmup_steps 30 --word_weight 30"  # README, "Story instructions"
 stage "1. tokenizer (2048 tokens, TinyStories)" \
   $PYTHON train_custom_tokenizer.py "$DATA_DIR/pretrain_tinystories_train.txt" \
