@@ -67,6 +67,7 @@ from lillm.train import (
     set_seed,
     setup_distributed,
 )
+from lillm.word_unlikelihood import WordUnlikelihoodObjective
 
 
 STATE_SCHEMA = {**TRAINER_STATE_SCHEMA, "train_conversations": int, "seed": int}  # what --resume reads
@@ -98,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--word_weight", type=float, default=1.0,
                       help="loss weight of the reply tokens that first use each word a story instruction asks for (README, "
                            "\"Story instructions\"); held-out loss stays unweighted")
+    data.add_argument("--word_unlikelihood", type=float, default=0.0,
+                      help="> 0: add this weight x -log(1 - p(word)) after each requested word's first use, where the reply "
+                           "does not use it again (against word stuffing; needs --word_weight > 1)")
     train = p.add_argument_group("training")
     train.add_argument("--batch_size", type=int, default=16, help="conversations per micro-batch per process")
     train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step per process")
@@ -141,6 +145,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--word_weight must be a positive number, got {args.word_weight}")
     if args.word_weight != 1.0 and args.train_on_inputs:
         raise ValueError("--word_weight has no effect with --train_on_inputs (every token weighs 1 there): drop one of them")
+    if not 0 <= args.word_unlikelihood < float("inf"):
+        raise ValueError(f"--word_unlikelihood must be a number >= 0, got {args.word_unlikelihood}")
+    if args.word_unlikelihood and not args.word_weight > 1:
+        raise ValueError("--word_unlikelihood finds the requested words by their --word_weight: give --word_weight > 1 too")
     if args.sample_max_tokens is not None and args.sample_max_tokens < 1:
         raise ValueError(f"--sample_max_tokens must be positive, got {args.sample_max_tokens}")
     if args.fsdp and args.lora_rank:
@@ -344,8 +352,9 @@ def run(args: argparse.Namespace, info) -> None:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
         eval_interval=args.eval_interval, ckpt_interval=args.ckpt_interval, log_interval=args.log_interval,
     )
+    objective = WordUnlikelihoodObjective(model, args.word_unlikelihood) if args.word_unlikelihood else model
     metrics = fit(
-        model, info, cfg, get_batch, evaluate, save, logger, dtype, start_step=start_step,
+        objective, info, cfg, get_batch, evaluate, save, logger, dtype, start_step=start_step,
         optimizer_state=optimizer_state, tokens_per_step=tokens_per_step,
         flops_per_token=flops_per_token(config, seq_len), peak_flops=peak_flops(info.device),
     )

@@ -286,10 +286,10 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
         "--train_file", str(data / "story_instruct_train.jsonl"), "--val_file", str(data / "story_instruct_val.jsonl"),
         "--max_steps", "20", "--batch_size", "8", "--eval_interval", "20", "--ckpt_interval", "20",
         "--val_conversations", "32", "--eval_samples", "0", "--instruct_eval", "4", "--system", "", "--device", "cpu",
-        "--word_weight", "5",
+        "--word_weight", "5", "--word_unlikelihood", "1",
     ])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["args"]["word_weight"] == 5.0
+    assert meta["args"]["word_weight"] == 5.0 and meta["args"]["word_unlikelihood"] == 1.0
     report = meta["summary"]["instruct"]
     kinds = [r["source"] for r in read_lines(data / "story_instruct_val.jsonl")]
     assert report["n_words"] == 4 and report["n_begin"] == min(4, kinds.count("story_instruct/begin")) > 0
