@@ -30,7 +30,8 @@ def used_word_tokens(targets: torch.Tensor, loss_mask: torch.Tensor, max_words: 
     k = min(max_words, T)
     score = starts * (T - torch.arange(T, device=targets.device))  # earlier starts score higher, 0 = no start
     values, positions = score.topk(k, dim=1)
-    return targets.gather(1, positions), positions, values > 0
+    valid = values > 0
+    return torch.where(valid, targets.gather(1, positions), 0), positions, valid  # 0, not padding's -100
 
 
 def word_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,16 @@ def test_penalty_counts_only_later_positions_where_the_word_is_not_the_target():
 
 
 def test_a_word_of_several_tokens_is_guarded_by_its_first_token_and_rows_without_words_add_nothing():
-    targets = torch.tensor([[5, 6, 7, 8, 9, 5], [5, 6, 7, 8, 9, 5]])
-    mask = torch.tensor([[1.0, 30.0, 30.0, 1.0, 30.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    targets = torch.tensor([[5, 6, 7, 8, 9, 5], [5, 6, 7, 8, -100, -100]])  # row 1 is padded (collate's -100)
+    mask = torch.tensor([[1.0, 30.0, 30.0, 1.0, 30.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]])
     words, positions, valid = used_word_tokens(targets, mask)
     found = [(w, p) for w, p, v in zip(words[0].tolist(), positions[0].tolist(), valid[0].tolist()) if v]
     assert sorted(found, key=lambda x: x[1]) == [(6, 1), (9, 4)]  # token 7 continues the word that starts with 6
-    assert not valid[1].any()
+    assert not valid[1].any() and (words >= 0).all()  # an id that indexes the vocabulary even where no word is
     uniform = torch.zeros(2, 6, 10)
-    # Row 0: token 6 is guarded at positions 2..5 (4 of them), token 9 at 5; each costs -log(1 - 1/10).
-    assert word_unlikelihood(uniform, targets, mask).item() == pytest.approx(5 * -math.log(0.9) / 12, rel=1e-5)
+    # Row 0: token 6 is guarded at positions 2..5 (4 of them), token 9 at 5; each costs -log(1 - 1/10); 6 + 4
+    # assistant positions.
+    assert word_unlikelihood(uniform, targets, mask).item() == pytest.approx(5 * -math.log(0.9) / 10, rel=1e-5)
 
 
 def test_objective_adds_the_weighted_penalty_to_the_model_loss():
