@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=defaults.top_k, help="0 = off")
     p.add_argument("--top_p", type=float, default=defaults.top_p, help="1.0 = off")
     p.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty, help="1.0 = off")
+    p.add_argument("--no_repeat_ngram", type=int, default=defaults.no_repeat_ngram,
+                   help="never repeat an n-gram of the reply (the prompt's may be copied); 0 = off")
     p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--seed", type=int, help="fix the sampling randomness")
     p.add_argument("--device", type=cli.device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
+        no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens, seed=args.seed,
     )
 
 

@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sample.add_argument("--sample_max_tokens", type=int, help="reply length budget (default: half the context, at most 128)")
     sample.add_argument("--instruct_eval", type=int, default=100,
                         help="score this many held-out story instructions of each kind, if the val data has them (0: skip)")
+    sample.add_argument("--instruct_no_repeat_ngram", type=int, default=0,
+                        help="score replies decoded without repeating an n-gram of their own (0: plain greedy)")
     return p.parse_args(argv)
 
 
@@ -138,7 +140,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("lora_rank", "eval_samples", "instruct_eval"):
+    for name in ("lora_rank", "eval_samples", "instruct_eval", "instruct_no_repeat_ngram"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not args.word_weight > 0 or args.word_weight == float("inf"):
@@ -377,7 +379,7 @@ def run(args: argparse.Namespace, info) -> None:
     instructions = held_out_instructions((m for _, m in conversations(args, "val")), args.instruct_eval) if args.instruct_eval else {}
     if any(instructions.values()):  # the held-out data are story instructions (data/prepare_story_instructions.py)
         summary["instruct"] = instruction_report(plain, load_checkpoint(args.init, device=info.device).model,
-                                                 tokenizer, instructions, system)
+                                                 tokenizer, instructions, system, args.instruct_no_repeat_ngram)
     meta = {**final_save["meta"], "summary": summary}
     save_checkpoint(args.out_dir, plain, tokenizer_path, meta=meta, trainer_state=final_save["state"])
     print(

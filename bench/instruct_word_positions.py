@@ -2,6 +2,7 @@
 the tokenizer keeps them as one token.
 
     python bench/instruct_word_positions.py --checkpoint speedrun/sft --val_file speedrun/story_instruct/story_instruct_val.jsonl
+    python bench/instruct_word_positions.py ... --no_repeat_ngram 3    # the same, decoded without repeated trigrams
 
 The same greedy replies as the SFT summary's instruction score (lillm.instruct.instruction_scores on the first
 --n held-out words and begin instructions, the checkpoint's system message, the whole context); prints the
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="a fine-tuned checkpoint folder")
     p.add_argument("--val_file", type=Path, required=True, help="held-out story instructions (chat jsonl)")
     p.add_argument("--n", type=int, default=100, help="words and begin instructions scored (as sft_train.py's default)")
+    p.add_argument("--no_repeat_ngram", type=int, default=0, help="decode without repeating an n-gram of the reply (0 = plain greedy)")
     args = p.parse_args()
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -36,7 +38,8 @@ def main() -> None:
     instructions = held_out_instructions(conversations, args.n)
     stories = {m[0]["content"]: m[-1]["content"] for m in conversations}
     scores, examples = instruction_scores(ckpt.model, ckpt.tokenizer, instructions, True,
-                                          checkpoint_system_prompt(ckpt.meta), ckpt.config.max_seq_len)
+                                          checkpoint_system_prompt(ckpt.meta), ckpt.config.max_seq_len,
+                                          no_repeat_ngram=args.no_repeat_ngram)
     used_at: list[int] = []
     used = {True: [0, 0], False: [0, 0]}  # one token? -> [used, requested]
     for example, (_, instruction) in zip(examples, instructions["words"]):

@@ -41,6 +41,18 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids, penalty: float)
     return logits.scatter(-1, ids, scores)
 
 
+def apply_no_repeat_ngram(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """Forbid every token that would repeat an n-gram the reply already holds ("jump and jump and jump"), for
+    (B, V) logits and the (B, m) ids generated so far. Only the reply counts, not the prompt, so words an
+    instruction asks for can still be copied. n <= 0 means off; vectorised, so no host sync."""
+    if n <= 0 or generated.size(1) < n:
+        return logits
+    grams = generated.unfold(1, n, 1)  # (B, m - n + 1, n)
+    repeats = (grams[:, :, :-1] == generated[:, None, generated.size(1) - n + 1 :]).all(-1)  # prefix = reply's tail
+    hits = torch.zeros(logits.shape, device=logits.device).scatter_add(-1, grams[:, :, -1], repeats.float())
+    return logits.masked_fill(hits > 0, float("-inf"))
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits (and any tied with the k-th), set the rest to -inf. k <= 0 means off."""
     if k <= 0 or k >= logits.shape[-1]:
@@ -98,6 +110,7 @@ class SamplingConfig:
     top_k: int = 50  # 0 = off
     top_p: float = 0.95  # 1.0 = off
     repetition_penalty: float = 1.0  # 1.0 = off
+    no_repeat_ngram: int = 0  # 0 = off; n: never repeat an n-gram of the reply
     max_new_tokens: int = 256
     # Generation ends at these (they are not returned). None: not chosen yet; the text and chat functions fill
     # in the tokenizer's <|im_end|> and <|endoftext|> (`with_stops`), the id-level ones refuse to guess.
@@ -110,10 +123,11 @@ class SamplingConfig:
             "top_k": isinstance(self.top_k, int) and self.top_k >= 0,
             "top_p": 0 < self.top_p <= 1,
             "repetition_penalty": self.repetition_penalty > 0,
+            "no_repeat_ngram": isinstance(self.no_repeat_ngram, int) and self.no_repeat_ngram >= 0,
             "max_new_tokens": isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
         }
         rules = {"temperature": ">= 0", "top_k": "an integer >= 0", "top_p": "in (0, 1]",
-                 "repetition_penalty": "> 0", "max_new_tokens": "an integer >= 1"}
+                 "repetition_penalty": "> 0", "no_repeat_ngram": "an integer >= 0", "max_new_tokens": "an integer >= 1"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be {rules[name]}, got {getattr(self, name)!r}")
@@ -176,13 +190,16 @@ def _decode_steps(model: LilLM, prompts: Sequence[Sequence[int]], cfg: SamplingC
     step_input = tokens  # the cache path feeds the whole prompt once, then only the newest token
     for _ in range(budget):
         logits = _last_logits(model, step_input if use_cache else tokens, cache, is_real if padded else None)
+        # NaN/inf logits (damaged weights, overflow) would crash torch.multinomial or make argmax pick garbage:
+        # such a row yields BAD_LOGITS instead, found when the caller reads the ids (no extra host sync). Checked
+        # on the model's own logits: the rules below may set some to -inf on purpose.
+        finite = torch.isfinite(logits).all(dim=-1)
         if cfg.repetition_penalty != 1.0:
             # Padding is replaced by the row's newest token (already present) so it never counts as "seen".
             seen = torch.where(is_real, tokens, tokens[:, -1:])
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        # NaN/inf logits (damaged weights, overflow) would crash torch.multinomial or make argmax pick garbage:
-        # such a row yields BAD_LOGITS instead, found when the caller reads the ids (no extra host sync).
-        finite = torch.isfinite(logits).all(dim=-1)
+        if cfg.no_repeat_ngram:
+            logits = apply_no_repeat_ngram(logits, tokens[:, longest:], cfg.no_repeat_ngram)
         next_ids = sample_next(torch.where(finite[:, None], logits, 0.0), cfg.temperature, cfg.top_k, cfg.top_p, generator)
         next_ids = torch.where(finite, next_ids, BAD_LOGITS)
         yield next_ids

@@ -224,14 +224,16 @@ def held_out_instructions(conversations: Iterable[Sequence[dict]], n: int) -> di
     return found
 
 
-def _replies(model, prompts: list[list[int]], stop_id: int, max_new_tokens: int, batch_size: int = 32):
-    """Greedy replies (ids, stop cut off) and whether each ended with stop_id, batched by prompt length."""
+def _replies(model, prompts: list[list[int]], stop_id: int, max_new_tokens: int, batch_size: int = 32,
+             no_repeat_ngram: int = 0):
+    """Greedy replies (ids, stop cut off) and whether each ended with stop_id, batched by prompt length;
+    no_repeat_ngram > 0 forbids repeating an n-gram of the reply (lillm.generate.apply_no_repeat_ngram)."""
     from lillm.generate import SamplingConfig, generate_batch
 
     replies: list[list[int]] = [[] for _ in prompts]
     ended = [False] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(stop_id,))
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_ids=(stop_id,), no_repeat_ngram=no_repeat_ngram)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         batch = [prompts[i] for i in rows]
@@ -243,7 +245,7 @@ def _replies(model, prompts: list[list[int]], stop_id: int, max_new_tokens: int,
 
 def instruction_scores(
     model, tokenizer, instructions: dict[str, list[tuple[str, Instruction]]], chat: bool, system: str | None,
-    max_new_tokens: int,
+    max_new_tokens: int, no_repeat_ngram: int = 0,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy replies to the instructions and how well they follow them.
 
@@ -261,7 +263,8 @@ def instruction_scores(
         return [specials.eos, *encode_ordinary(tokenizer, text + "\n")]
 
     items = instructions["words"] + instructions["begin"]
-    replies, ended = _replies(model, [prompt(text) for text, _ in items], specials.im_end, max_new_tokens)
+    replies, ended = _replies(model, [prompt(text) for text, _ in items], specials.im_end, max_new_tokens,
+                              no_repeat_ngram=no_repeat_ngram)
     texts = [tokenizer.decode(r[: r.index(specials.eos)] if specials.eos in r else r) for r in replies]
     n_words = len(instructions["words"])
     scores: dict[str, float] = {"im_end": sum(ended) / len(ended)}
@@ -279,13 +282,17 @@ def contrast_scores(examples: list[dict], instructions: dict[str, list[tuple[str
     return words_followed([e["reply"] for e in examples], shuffled([i.words for _, i in instructions["words"]]))
 
 
-def instruction_report(model, base_model, tokenizer, instructions: dict, system: str | None) -> dict:
+def instruction_report(
+    model, base_model, tokenizer, instructions: dict, system: str | None, no_repeat_ngram: int = 0
+) -> dict:
     """The fine-tuned model's scores, the base model's (instructions as plain text) and the fine-tuned model's
-    against shuffled words, with a few example replies: the "instruct" block of the SFT summary."""
+    against shuffled words, with a few example replies: the "instruct" block of the SFT summary. Both models
+    decode alike: greedy, and with no_repeat_ngram > 0 never repeating an n-gram of their own reply."""
     budget = model.config.max_seq_len  # as long as the context allows: a reply is a whole story
-    sft, examples = instruction_scores(model, tokenizer, instructions, True, system, budget)
-    base, _ = instruction_scores(base_model, tokenizer, instructions, False, system, budget)
-    report = {"n_words": len(instructions["words"]), "n_begin": len(instructions["begin"]), "sft": sft, "base": base}
+    sft, examples = instruction_scores(model, tokenizer, instructions, True, system, budget, no_repeat_ngram)
+    base, _ = instruction_scores(base_model, tokenizer, instructions, False, system, budget, no_repeat_ngram)
+    report = {"n_words": len(instructions["words"]), "n_begin": len(instructions["begin"]),
+              "no_repeat_ngram": no_repeat_ngram, "sft": sft, "base": base}
     if len(instructions["words"]) >= 2:
         report["sft_shuffled_words"] = contrast_scores(examples, instructions)
     return {**report, "examples": examples[:3]}
@@ -303,4 +310,5 @@ def report_line(report: dict) -> str:
     if "opening" in sft:
         parts.append(f"opening kept {sft['opening']:.0%} of {report['n_begin']} (base {base['opening']:.0%})")
     parts.append(f"<|im_end|> {sft['im_end']:.0%} (base {base['im_end']:.0%})")
-    return "instructions: " + ", ".join(parts)
+    decoding = f" (greedy, no repeated {report['no_repeat_ngram']}-grams)" if report.get("no_repeat_ngram") else ""
+    return f"instructions{decoding}: " + ", ".join(parts)

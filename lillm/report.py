@@ -67,6 +67,8 @@ def _instruction_rows(instruct: dict | None) -> list[str]:
         return []
     sft, base, other = instruct["sft"], instruct["base"], instruct.get("sft_shuffled_words", {})
     rows = []
+    if instruct.get("no_repeat_ngram"):
+        rows.append(f"| story instructions: decoding | greedy, no repeated {instruct['no_repeat_ngram']}-grams in a reply |")
     if "all_words" in sft:
         contrast = f", another instruction's words {other['all_words']:.0%}" if other else ""
         rows.append(f"| story instructions: replies using every requested word ({instruct['n_words']} held out) | "

@@ -12,6 +12,7 @@ from lillm.checkpoint import load_checkpoint
 from lillm.generate import (
     GenerationStats,
     SamplingConfig,
+    apply_no_repeat_ngram,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
@@ -86,6 +87,18 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # input untouched
 
 
+def test_no_repeat_ngram_bans_exactly_the_tokens_that_would_repeat_an_ngram_of_the_reply():
+    logits = torch.zeros(2, 6)
+    generated = torch.tensor([[1, 2, 3, 1, 2], [4, 4, 5, 4, 4]])
+    # Row 0 ends with (1, 2), which (1, 2, 3) began: 3 is banned. Row 1 ends with (4, 4), followed by 5 before.
+    assert kept(apply_no_repeat_ngram(logits, generated, 3)[0]) == [0, 1, 2, 4, 5]
+    assert kept(apply_no_repeat_ngram(logits, generated, 3)[1]) == [0, 1, 2, 3, 4]
+    # Bigrams: row 0's last token 2 was followed by 3; row 1's 4 by 4 and by 5.
+    assert [kept(row) for row in apply_no_repeat_ngram(logits, generated, 2)] == [[0, 1, 2, 4, 5], [0, 1, 2, 3]]
+    assert apply_no_repeat_ngram(logits, generated[:, :2], 3).equal(logits)  # too short to repeat anything
+    assert apply_no_repeat_ngram(logits, generated, 0).equal(logits) and logits.eq(0).all()  # off; input untouched
+
+
 def test_temperature_reshapes_the_sampled_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2])
     logits = probs.log().expand(40_000, 3)
@@ -99,7 +112,7 @@ def test_temperature_reshapes_the_sampled_distribution():
 
 def test_sampling_config_rejects_bad_values():
     for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(max_new_tokens=0),
-                dict(repetition_penalty=0)):
+                dict(repetition_penalty=0), dict(no_repeat_ngram=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad)
 
@@ -144,11 +157,27 @@ def test_stop_ids_max_new_tokens_and_context_window(base):
     assert out == list(generate_ids(base.model, long_prompt[-(max_seq_len - 1):], GREEDY))
 
 
+def test_greedy_with_no_repeat_ngram_leaves_a_reply_without_repeats_and_changes_nothing_else(base):
+    prompt = story_prompt(base)
+    guard = lambda n_tokens: SamplingConfig(temperature=0.0, max_new_tokens=n_tokens, stop_ids=(), no_repeat_ngram=3)  # noqa: E731
+    plain = list(generate_ids(base.model, prompt, SamplingConfig(temperature=0.0, max_new_tokens=96, stop_ids=())))
+    trigrams = lambda ids: [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]  # noqa: E731
+    repeat = next(i for i, g in enumerate(trigrams(plain)) if g in trigrams(plain)[:i])  # this small model loops
+    earlier = trigrams(plain).index(trigrams(plain)[repeat])
+    guarded = list(generate_ids(base.model, prompt, guard(96)))
+    assert len(set(trigrams(guarded))) == len(trigrams(guarded))  # no trigram of the reply twice
+    assert guarded[: repeat + 2] == plain[: repeat + 2] and guarded[repeat + 2] != plain[repeat + 2]  # greedy until it would repeat
+    # The same trigram is free to repeat once it is the prompt's: only the reply counts (instructions get copied).
+    assert earlier + 3 <= repeat
+    assert list(generate_ids(base.model, prompt + plain[:repeat], guard(3))) == plain[repeat : repeat + 3]
+
+
 def test_batch_equals_single(base):
     prompts = [story_prompt(base, text) for text in ("Tom had a red ball.", "One day", "The cat sat on the mat and")]
     assert len({len(p) for p in prompts}) == 3  # really left-padded
-    cfg = SamplingConfig(temperature=0.0, max_new_tokens=32).with_stops(base.tokenizer)
-    assert generate_batch(base.model, prompts, cfg) == [list(generate_ids(base.model, p, cfg)) for p in prompts]
+    for cfg in (SamplingConfig(temperature=0.0, max_new_tokens=32), SamplingConfig(temperature=0.0, max_new_tokens=64, no_repeat_ngram=2)):
+        cfg = cfg.with_stops(base.tokenizer)
+        assert generate_batch(base.model, prompts, cfg) == [list(generate_ids(base.model, p, cfg)) for p in prompts]
 
 
 # ---------------------------------------------------------------------------------------------- chat and text

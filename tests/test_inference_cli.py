@@ -37,6 +37,20 @@ def test_prompt_streams_the_greedy_completion(repo_root, base_checkpoint):
     assert "tokens/s" in result.stderr
 
 
+def test_no_repeat_ngram_reaches_the_sampler(base_checkpoint, capsys):
+    import inference  # in-process: the flag's path, not the process start, is what is tested
+
+    prompt = "Once upon a time, there was a"
+    inference.main(["--checkpoint", str(base_checkpoint), "--prompt", prompt, "--temperature", "0",
+                    "--max_new_tokens", "64", "--no_repeat_ngram", "2"])
+    ckpt = load_checkpoint(base_checkpoint)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=64, no_repeat_ngram=2).with_stops(ckpt.tokenizer)
+    ids = list(generate_ids(ckpt.model, [EOS_ID, *encode_ordinary(ckpt.tokenizer, prompt)], cfg))
+    bigrams = list(zip(ids, ids[1:]))
+    assert capsys.readouterr().out == prompt + "".join(stream_text(ckpt.tokenizer, ids)) + "\n"
+    assert len(set(bigrams)) == len(bigrams) > 20
+
+
 def test_chat_reads_turns_from_stdin_until_eof(repo_root, base_checkpoint):
     # same first message before and after /reset, greedy: the two replies must be identical
     stdin = "Hello, who are you?\nTell me more.\n/reset\nHello, who are you?\n"
@@ -60,6 +74,7 @@ def test_errors_are_one_line_and_exit_2(repo_root, base_checkpoint, tmp_path, ca
     for args, message in (
         (["--top_p", "1.5"], "top_p must be in (0, 1], got 1.5"),
         (["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+        (["--no_repeat_ngram", "-2"], "no_repeat_ngram must be an integer >= 0, got -2"),
         (["--dtype", "fp8"], "unknown dtype 'fp8'"),
     ):
         with pytest.raises(SystemExit) as exit_info:

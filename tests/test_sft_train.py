@@ -109,6 +109,7 @@ def test_malformed_chat_file_fails_with_one_line_naming_file_and_line(base_check
         (["--word_weight", "nan"], "--word_weight must be a positive number, got nan"),
         (["--word_weight", "30", "--train_on_inputs"], "--word_weight has no effect with --train_on_inputs"),
         (["--word_unlikelihood", "-1"], "--word_unlikelihood must be a number >= 0, got -1.0"),
+        (["--instruct_no_repeat_ngram", "-1"], "--instruct_no_repeat_ngram must be >= 0, got -1"),
         (["--word_unlikelihood", "1"], "--word_unlikelihood finds the requested words by their --word_weight"),
         (["--sample_max_tokens", "127"], "no held-out prompt leaves room for a 127-token reply in 128 tokens"),
         (["--train_file", "{tmp}/missing.jsonl"], "chat file not found: {tmp}/missing.jsonl"),

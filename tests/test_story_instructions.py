@@ -22,6 +22,7 @@ from lillm.instruct import (
     cut_story,
     openings_followed,
     parse_instruction,
+    report_line,
     requested_word_positions,
     shuffled,
     split_half,
@@ -286,13 +287,14 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
         "--train_file", str(data / "story_instruct_train.jsonl"), "--val_file", str(data / "story_instruct_val.jsonl"),
         "--max_steps", "20", "--batch_size", "8", "--eval_interval", "20", "--ckpt_interval", "20",
         "--val_conversations", "32", "--eval_samples", "0", "--instruct_eval", "4", "--system", "", "--device", "cpu",
-        "--word_weight", "5", "--word_unlikelihood", "1",
+        "--word_weight", "5", "--word_unlikelihood", "1", "--instruct_no_repeat_ngram", "3",
     ])
     meta = json.loads((out / "meta.json").read_text())
     assert meta["args"]["word_weight"] == 5.0 and meta["args"]["word_unlikelihood"] == 1.0
     report = meta["summary"]["instruct"]
     kinds = [r["source"] for r in read_lines(data / "story_instruct_val.jsonl")]
     assert report["n_words"] == 4 and report["n_begin"] == min(4, kinds.count("story_instruct/begin")) > 0
+    assert report["no_repeat_ngram"] == 3 and report_line(report).startswith("instructions (greedy, no repeated 3-grams): ")
     for who in ("sft", "base"):
         assert set(report[who]) == {"all_words", "words", "uses_per_word", "opening", "im_end"}
         assert 0 <= report[who]["all_words"] <= 1 and round(report[who]["all_words"] * 4) == report[who]["all_words"] * 4
@@ -310,6 +312,7 @@ def test_sft_summary_scores_instructions_for_the_model_the_base_and_shuffled_wor
     assert f"| story instructions: replies ending with `<|im_end|>` | **{sft['im_end']:.0%}** (base 0%) |" in card
     assert f"| story instructions: uses of a requested word per reply | {sft['uses_per_word']:.1f} (base {base['uses_per_word']:.1f}) |" in card
     assert f"opening ({report['n_begin']} held out) | {sft['opening']:.0%} (base {base['opening']:.0%}) |" in card
+    assert "| story instructions: decoding | greedy, no repeated 3-grams in a reply |" in card
 
 
 def test_missing_input_exits_2_with_one_line(tmp_path, capsys):
